@@ -1,0 +1,243 @@
+"""Training objectives of every method in DESIGN.md Sec. 1, as pure functions on tensors.
+
+Each takes log-probabilities or scores (never models), returns a scalar loss (plus detached statistics
+where a caller logs them), and cites the equation it implements. ``ell(z) = log sigmoid(z)`` is computed
+with ``F.logsigmoid``, which is finite for any finite z.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from afd_ray.algo.masked import masked_mean, masked_sum
+
+LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: large enough never to bind in practice, small enough not to overflow
+
+
+def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: str = "token") -> torch.Tensor:
+    """Behaviour cloning NLL on demonstrations (seeds/004 Protocol 1; seeds/000 Eq. 6-7, forward KL):
+
+        l_SFT = -log pi(y* | x) = -sum_t log pi(y*_t | x, y*_<t).
+
+    logp_BT: (B, T) log pi of the demonstration tokens; mask_BT: (B, T), 1 on response tokens only.
+    reduction: "token" = mean over all response tokens in the batch (long answers weigh more; the usual
+    SFT choice); "sequence" = per-sequence sum, mean over the batch (Protocol 1 exactly).
+    """
+    if reduction == "token":
+        return -masked_mean(logp_BT, mask_BT)
+    if reduction == "sequence":
+        return -masked_sum(logp_BT, mask_BT).mean()
+    raise ValueError(f"sft reduction must be 'token' or 'sequence', got {reduction!r}")
+
+
+def bradley_terry_loss(
+    r_chosen_B: torch.Tensor,
+    r_rejected_B: torch.Tensor,
+    margin: float | torch.Tensor = 0.0,
+    p_chosen_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bradley-Terry negative log-likelihood of preferences (seeds/004 Eq. 13):
+
+        l_RM = -E[ log sigmoid(r(x, y_w) - r(x, y_l) - m) ].
+
+    r_chosen_B, r_rejected_B: (B,) scalar rewards of the preferred / dispreferred responses.
+    margin: m, scalar or (B,), demands a gap of at least m (Llama-2 style margin); 0 gives Eq. 13.
+    p_chosen_B: optional (B,) soft labels P(y_w > y_l); the loss becomes the binary cross-entropy
+    -[p log s(d) + (1-p) log s(-d)], which equals Eq. 13 at p = 1.
+    """
+    d_B = r_chosen_B.float() - r_rejected_B.float() - margin
+    if p_chosen_B is None:
+        return -F.logsigmoid(d_B).mean()
+    p_B = p_chosen_B.float()
+    return -(p_B * F.logsigmoid(d_B) + (1 - p_B) * F.logsigmoid(-d_B)).mean()
+
+
+def pairwise_reward_loss(
+    r_demo_B: torch.Tensor, r_policy_B: torch.Tensor, margin: float | torch.Tensor = 0.0
+) -> torch.Tensor:
+    """IRL reward step (seeds/004 Eq. 21a with ell = log sigmoid): the demonstration y* is preferred to
+    the current policy's sample y' for the same prompt,
+
+        phi_{t+1} = argmin_phi -E[ log sigmoid(r(x, y*) - r(x, y') - m) ].
+
+    r_demo_B, r_policy_B: (B,) rewards of paired (x, y*) and (x, y'). It is Eq. 13 with y_w = y*.
+    """
+    return bradley_terry_loss(r_demo_B, r_policy_B, margin)
+
+
+def discriminator_loss(logit_pos_B: torch.Tensor, logit_neg_B: torch.Tensor) -> torch.Tensor:
+    """Pointwise discriminator BCE (seeds/000 Eq. 11), with D = sigmoid(logit):
+
+        max_phi E_pos[log D(y|x)] + E_neg[log(1 - D(y|x))]
+        loss = -mean log sigmoid(logit_pos) - mean log sigmoid(-logit_neg).
+
+    logit_pos_B: (B,) logits of positives (demonstrations, or pi_SFT samples for Init-SFT, Table 1);
+    logit_neg_B: (B',) logits of negatives (policy / pi_init samples); B and B' may differ.
+    The reward of Eq. 12, r = log D - log(1 - D), is the logit itself, so the scalar head's output is
+    used as the reward unchanged (see ``discriminator_reward`` for probability outputs).
+    """
+    return -F.logsigmoid(logit_pos_B.float()).mean() - F.logsigmoid(-logit_neg_B.float()).mean()
+
+
+def discriminator_reward(prob_B: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Eq. 12 of seeds/000 for a discriminator that outputs probabilities: r = log D - log(1 - D).
+
+    prob_B: (B,) D(y|x) in [0, 1]; clipped to [eps, 1 - eps] so D = 0 or 1 gives a finite reward.
+    """
+    p = prob_B.double().clamp(eps, 1 - eps)
+    return (torch.log(p) - torch.log1p(-p)).to(prob_B.dtype if prob_B.is_floating_point() else torch.float32)
+
+
+def _logratio_margin(
+    logp_chosen_B: torch.Tensor,
+    logp_rejected_B: torch.Tensor,
+    ref_logp_chosen_B: torch.Tensor,
+    ref_logp_rejected_B: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit-reward log ratios log pi/pi_ref for chosen and rejected, (B,) each."""
+    return (
+        logp_chosen_B.float() - ref_logp_chosen_B.float(),
+        logp_rejected_B.float() - ref_logp_rejected_B.float(),
+    )
+
+
+def dpo_loss(
+    logp_chosen_B: torch.Tensor,
+    logp_rejected_B: torch.Tensor,
+    ref_logp_chosen_B: torch.Tensor,
+    ref_logp_rejected_B: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO (seeds/004 Eq. 18, Protocol 6):
+
+        l = -log sigmoid( beta log pi(y_w)/pi_ref(y_w) - beta log pi(y_l)/pi_ref(y_l) ).
+
+    Inputs are (B,) sequence log-probabilities (sums over response tokens) of the policy and reference.
+    label_smoothing eps > 0 gives conservative DPO: (1-eps) l(h) + eps l(-h).
+    Returns (loss, stats) with the implicit rewards beta*log(pi/pi_ref) (B,) and the pair accuracy.
+    """
+    lr_w, lr_l = _logratio_margin(logp_chosen_B, logp_rejected_B, ref_logp_chosen_B, ref_logp_rejected_B)
+    h_B = beta * (lr_w - lr_l)
+    loss_B = -(1 - label_smoothing) * F.logsigmoid(h_B) - label_smoothing * F.logsigmoid(-h_B)
+    return loss_B.mean(), _pair_stats(beta * lr_w, beta * lr_l)
+
+
+def ipo_loss(
+    logp_chosen_B: torch.Tensor,
+    logp_rejected_B: torch.Tensor,
+    ref_logp_chosen_B: torch.Tensor,
+    ref_logp_rejected_B: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """IPO (Azar et al.): the squared variant of Eq. 18 that does not push the margin to infinity,
+
+        l = ( log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l) - 1 / (2 beta) )^2.
+
+    Inputs as for ``dpo_loss``; beta plays the role of IPO's tau. Returns (loss, stats).
+    """
+    lr_w, lr_l = _logratio_margin(logp_chosen_B, logp_rejected_B, ref_logp_chosen_B, ref_logp_rejected_B)
+    loss = (lr_w - lr_l - 1.0 / (2.0 * beta)).square().mean()
+    return loss, _pair_stats(beta * lr_w, beta * lr_l)
+
+
+def spin_loss(
+    logp_demo_B: torch.Tensor,
+    logp_self_B: torch.Tensor,
+    prev_logp_demo_B: torch.Tensor,
+    prev_logp_self_B: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SPIN (seeds/004 Protocol 2 / Eq. 12 with the logistic ell(z) = log(1 + exp(-z))):
+
+        l = ell( beta log pi(y*)/pi_t(y*) - beta log pi(y')/pi_t(y') ),  y' ~ pi_t(.|x).
+
+    The DPO loss with the demonstration as the winner, the policy's own sample as the loser and the
+    previous iterate pi_t in place of pi_ref. Inputs (B,) sequence log-probs. Returns (loss, stats).
+    """
+    return dpo_loss(logp_demo_B, logp_self_B, prev_logp_demo_B, prev_logp_self_B, beta)
+
+
+def _pair_stats(reward_w_B: torch.Tensor, reward_l_B: torch.Tensor) -> dict[str, torch.Tensor]:
+    reward_w_B, reward_l_B = reward_w_B.detach(), reward_l_B.detach()
+    return {
+        "reward_chosen": reward_w_B,
+        "reward_rejected": reward_l_B,
+        "accuracy": (reward_w_B > reward_l_B).float().mean(),
+        "margin": (reward_w_B - reward_l_B).mean(),
+    }
+
+
+def reinforce_loss(logp_BT: torch.Tensor, advantage_B: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """REINFORCE (seeds/004 Protocol 5, line 6): grad = -mean_i A_i * grad log pi(y_i | x_i), with
+    log pi(y|x) = sum_t log pi(y_t | ...). Use ``kl_shaped_reward`` for A to fold the KL into the reward,
+    or an RLOO/GRPO advantage for a baseline.
+
+    logp_BT: (B, T) current policy log-probs of sampled tokens (with grad); advantage_B: (B,) (detached);
+    mask_BT: (B, T) response tokens.
+    """
+    return -(advantage_B.detach().float() * masked_sum(logp_BT.float(), mask_BT)).mean()
+
+
+def ppo_clip_loss(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor,
+    advantage_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate (seeds/004 Protocol 4, lines 5-6), per token:
+
+        rho_t = pi(y_t) / pi_old(y_t)
+        l_t   = -min( rho_t A_t, clip(rho_t, 1 - eps, 1 + eps_high) A_t )
+        dual clip (Ye et al.), for A_t < 0 only:  l_t = min(l_t, -c A_t),  c > 1.
+
+    logp_BT, old_logp_BT: (B, T) log-probs under the current and the sampling policy; advantage_BT: (B, T)
+    (broadcast a sequence advantage with ``adv_B[:, None]``); mask_BT: (B, T). Token-level mean.
+    clip_eps_high defaults to clip_eps (DAPO's clip-higher when larger). The log ratio is clamped to
+    +-20 before exp, so a wild token cannot overflow. Returns (loss, stats: clipfrac, approx_kl, ratio).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (it bounds the loss at -c*A for A < 0), got {dual_clip}")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = (logp_BT.float() - old_logp_BT.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    adv = advantage_BT.detach().float()
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    loss_BT = torch.maximum(loss_unclipped, loss_clipped)
+    if dual_clip is not None:
+        loss_BT = torch.where(adv < 0, torch.minimum(loss_BT, -dual_clip * adv), loss_BT)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask_BT),
+            "approx_kl": masked_mean(0.5 * log_ratio.square(), mask_BT),
+            "ratio": masked_mean(ratio, mask_BT),
+        }
+    return masked_mean(loss_BT, mask_BT), stats
+
+
+def aihf_reward_loss(
+    r_demo_B: torch.Tensor,
+    r_policy_B: torch.Tensor,
+    r_chosen_C: torch.Tensor,
+    r_rejected_C: torch.Tensor,
+    gamma: float,
+    alpha: float,
+) -> torch.Tensor:
+    """AIHF reward step (seeds/004 Eq. 24a): demonstrations and preferences, one reward model,
+
+        l = gamma * -E_demo[log s(r(x, y*) - r(x, y'))] + alpha * -E_pref[log s(r(x, y_w) - r(x, y_l))].
+
+    r_demo_B, r_policy_B: (B,) demo-vs-sample pairs; r_chosen_C, r_rejected_C: (C,) preference pairs.
+    An empty side (B = 0 or C = 0) contributes 0, so a batch may carry only one kind of pair.
+    """
+    loss = r_demo_B.new_zeros((), dtype=torch.float32)
+    if r_demo_B.numel():
+        loss = loss + gamma * pairwise_reward_loss(r_demo_B, r_policy_B)
+    if r_chosen_C.numel():
+        loss = loss + alpha * bradley_terry_loss(r_chosen_C, r_rejected_C)
+    return loss

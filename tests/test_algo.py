@@ -1,0 +1,316 @@
+"""The math of afd_ray.algo against hand-derived numbers, masks, gradient directions and |logit| = 100."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from afd_ray.algo.advantages import grpo_advantages, kl_shaped_reward, rloo_advantages
+from afd_ray.algo.kl import kl_per_token
+from afd_ray.algo.losses import (
+    aihf_reward_loss,
+    bradley_terry_loss,
+    discriminator_loss,
+    discriminator_reward,
+    dpo_loss,
+    ipo_loss,
+    pairwise_reward_loss,
+    ppo_clip_loss,
+    reinforce_loss,
+    sft_loss,
+    spin_loss,
+)
+from afd_ray.algo.masked import masked_mean, token_logprobs
+from afd_ray.algo.selection import BestOfNState, best_of_n, select_online_dpo_pairs
+
+
+def t(*xs, grad=False):
+    return torch.tensor(xs, dtype=torch.float32, requires_grad=grad)
+
+
+def softplus(x):  # -log sigmoid(-x), by hand
+    return math.log1p(math.exp(x))
+
+
+def test_algo_imports_without_heavy_frameworks():
+    code = "import sys, afd_ray.algo.losses, afd_ray.algo.advantages, afd_ray.algo.selection, afd_ray.algo.kl; " \
+           "print(sorted({'ray','vllm','deepspeed'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ---- token log-probs and SFT -------------------------------------------------------------------------------
+
+def test_token_logprobs_hand_and_stable():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # p = [1/4, 3/4]
+    assert token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
+    big = torch.tensor([[[100.0, -100.0, 0.0]]])
+    lp = token_logprobs(big, torch.tensor([[1]]))
+    assert torch.isfinite(lp).all() and lp.item() == pytest.approx(-200.0, abs=1e-3)
+
+
+def test_sft_loss_hand_mask_and_reductions():
+    logp = t(-1.0, -2.0, -9.0, -3.0).view(2, 2)
+    mask = t(1.0, 1.0, 0.0, 1.0).view(2, 2)
+    assert sft_loss(logp, mask).item() == pytest.approx((1 + 2 + 3) / 3)           # token mean
+    assert sft_loss(logp, mask, "sequence").item() == pytest.approx((3 + 3) / 2)   # sum per seq, mean
+    changed = logp.clone()
+    changed[1, 0] = -1000.0  # a masked position never matters
+    assert sft_loss(changed, mask).item() == pytest.approx(2.0)
+    assert masked_mean(logp, torch.zeros_like(mask)).item() == 0.0  # empty mask: 0, not NaN
+    with pytest.raises(ValueError, match="reduction"):
+        sft_loss(logp, mask, "mean")
+
+
+def test_sft_gradient_raises_demo_likelihood_and_stable():
+    logits = torch.zeros(1, 1, 3, requires_grad=True)
+    loss = sft_loss(token_logprobs(logits, torch.tensor([[2]])), torch.ones(1, 1))
+    loss.backward()
+    assert logits.grad[0, 0, 2] < 0 and logits.grad[0, 0, 0] > 0  # descent raises the target logit
+    far = torch.tensor([[[100.0, 0.0, -100.0]]], requires_grad=True)
+    loss = sft_loss(token_logprobs(far, torch.tensor([[2]])), torch.ones(1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(far.grad).all()
+
+
+# ---- reward losses -----------------------------------------------------------------------------------------
+
+def test_bradley_terry_hand_margin_and_soft_labels():
+    rw, rl = t(2.0, 0.0), t(1.0, 0.0)
+    assert bradley_terry_loss(rw, rl).item() == pytest.approx((softplus(-1.0) + math.log(2)) / 2)
+    assert bradley_terry_loss(rw, rl, margin=1.0).item() == pytest.approx((math.log(2) + softplus(1.0)) / 2)
+    # soft label p = 0.5 on a gap d gives 0.5*(softplus(-d) + softplus(d))
+    assert bradley_terry_loss(t(2.0), t(1.0), p_chosen_B=t(0.5)).item() == pytest.approx(
+        0.5 * (softplus(-1.0) + softplus(1.0)))
+    assert bradley_terry_loss(rw, rl, p_chosen_B=t(1.0, 1.0)).item() == pytest.approx(bradley_terry_loss(rw, rl).item())
+
+
+def test_pairwise_reward_loss_gradient_and_stability():
+    r_demo, r_pol = t(0.3, grad=True), t(0.5, grad=True)
+    pairwise_reward_loss(r_demo, r_pol).backward()
+    assert r_demo.grad.item() < 0 < r_pol.grad.item()  # descent raises r(y*) and lowers r(y')
+    assert pairwise_reward_loss(t(0.3), t(0.5)).item() == pytest.approx(softplus(0.2))
+    for a, b in [(100.0, -100.0), (-100.0, 100.0)]:
+        x, y = t(a, grad=True), t(b, grad=True)
+        loss = pairwise_reward_loss(x, y)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert pairwise_reward_loss(t(-100.0), t(100.0)).item() == pytest.approx(200.0, rel=1e-5)
+
+
+def test_discriminator_bce_hand_gradient_stability():
+    pos, neg = t(0.0, math.log(3.0), grad=True), t(0.0, grad=True)
+    loss = discriminator_loss(pos, neg)
+    expected = (math.log(2) + math.log(4 / 3)) / 2 + math.log(2)  # -mean log s(pos) - mean log(1 - s(neg))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert (pos.grad < 0).all() and neg.grad.item() > 0
+    p2, n2 = t(-100.0, grad=True), t(100.0, grad=True)
+    loss = discriminator_loss(p2, n2)
+    loss.backward()
+    assert loss.item() == pytest.approx(200.0, rel=1e-5) and torch.isfinite(p2.grad).all()
+
+
+def test_discriminator_reward_is_the_logit():  # Eq. 12, seeds/000
+    logits = t(-3.0, 0.0, 2.5)
+    assert torch.allclose(discriminator_reward(torch.sigmoid(logits)), logits, atol=1e-5)
+    edge = discriminator_reward(t(0.0, 1.0))
+    assert torch.isfinite(edge).all() and edge[0] < -20 and edge[1] > 20
+
+
+# ---- DPO / IPO / SPIN --------------------------------------------------------------------------------------
+
+def test_dpo_hand_numbers_and_stats():
+    loss, stats = dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5)
+    # h = 0.5*(1) - 0.5*(-1) = 1
+    assert loss.item() == pytest.approx(softplus(-1.0))
+    assert stats["reward_chosen"].item() == pytest.approx(0.5) and stats["accuracy"].item() == 1.0
+    smooth, _ = dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5, label_smoothing=0.1)
+    assert smooth.item() == pytest.approx(0.9 * softplus(-1.0) + 0.1 * softplus(1.0))
+
+
+def test_dpo_gradient_direction_and_stability():
+    w, l = t(-5.0, grad=True), t(-5.0, grad=True)
+    loss, _ = dpo_loss(w, l, t(-5.0), t(-5.0), beta=0.1)
+    loss.backward()
+    assert w.grad.item() < 0 < l.grad.item()
+    w, l = t(-100.0, grad=True), t(100.0, grad=True)
+    loss, _ = dpo_loss(w, l, t(100.0), t(-100.0), beta=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(400.0, rel=1e-5) and torch.isfinite(w.grad).all()
+
+
+def test_ipo_hand_gradient_stability():
+    loss, _ = ipo_loss(t(-1.0), t(-2.0), t(-1.0), t(-1.0), beta=0.25)  # (1 - 2)^2
+    assert loss.item() == pytest.approx(1.0)
+    w, l = t(-1.0, grad=True), t(-1.0, grad=True)
+    loss, _ = ipo_loss(w, l, t(-1.0), t(-1.0), beta=0.25)  # margin 0 < 1/(2 beta): push it up
+    loss.backward()
+    assert w.grad.item() < 0 < l.grad.item()
+    loss, _ = ipo_loss(t(100.0), t(-100.0), t(-100.0), t(100.0), beta=1.0)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(399.5**2)
+
+
+def test_spin_is_dpo_against_the_previous_iterate():
+    loss, stats = spin_loss(t(-2.0), t(-4.0), t(-3.0), t(-3.0), beta=1.0)  # h = 1 - (-1) = 2
+    assert loss.item() == pytest.approx(softplus(-2.0))
+    demo, own = t(-3.0, grad=True), t(-3.0, grad=True)
+    spin_loss(demo, own, t(-3.0), t(-3.0), beta=1.0)[0].backward()
+    assert demo.grad.item() < 0 < own.grad.item()  # demos up, own samples down
+    big, _ = spin_loss(t(-100.0), t(100.0), t(100.0), t(-100.0), beta=1.0)
+    assert torch.isfinite(big)
+
+
+# ---- KL ------------------------------------------------------------------------------------------------------
+
+def test_kl_estimators_hand_numbers():
+    lp, ref = t(-1.0, -2.0), t(-2.0, -1.0)  # log ratios 1, -1
+    assert kl_per_token(lp, ref, "k1").tolist() == pytest.approx([1.0, -1.0])
+    assert kl_per_token(lp, ref, "k2").tolist() == pytest.approx([0.5, 0.5])
+    assert kl_per_token(lp, ref, "k3").tolist() == pytest.approx([math.exp(-1) - 1 + 1, math.exp(1) - 1 - 1])
+    with pytest.raises(ValueError, match="k1"):
+        kl_per_token(lp, ref, "k4")
+
+
+def test_kl_estimators_are_unbiased_on_a_known_pair():
+    # pi = [0.7, 0.3], pi_ref = [0.5, 0.5]; exact KL and E_pi[k] for k1, k3 match it exactly.
+    p, q = torch.tensor([0.7, 0.3]), torch.tensor([0.5, 0.5])
+    exact = (p * (p / q).log()).sum()
+    for est in ("k1", "k3"):
+        ek = (p * kl_per_token(p.log(), q.log(), est)).sum()
+        assert ek.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_kl_gradient_and_stability_and_mask():
+    lp = t(-1.0, -1.0, grad=True)
+    mask = t(1.0, 0.0)
+    masked_mean(kl_per_token(lp, t(-2.0, -2.0), "k3"), mask).backward()
+    assert lp.grad[0] > 0 and lp.grad[1] == 0  # descent moves pi toward pi_ref; masked token untouched
+    for est in ("k1", "k2", "k3"):
+        x = t(100.0, -100.0, grad=True)
+        v = kl_per_token(x, t(-100.0, 100.0), est)
+        v.sum().backward()
+        assert torch.isfinite(v).all() and torch.isfinite(x.grad).all(), est
+
+
+# ---- advantages and policy losses ---------------------------------------------------------------------------
+
+def test_kl_shaped_reward_hand_and_mask():
+    r = kl_shaped_reward(t(1.0, 2.0), t(-1.0, -1.0, -1.0, -1.0).view(2, 2), t(-2.0, -2.0, -1.0, -1.0).view(2, 2),
+                         t(1.0, 0.0, 1.0, 1.0).view(2, 2), beta=0.1)
+    assert r.tolist() == pytest.approx([1.0 - 0.1 * 1.0, 2.0])  # second token of row 0 masked
+    big = kl_shaped_reward(t(0.0), t(100.0).view(1, 1), t(-100.0).view(1, 1), torch.ones(1, 1), beta=0.1, estimator="k3")
+    assert torch.isfinite(big).all()
+
+
+def test_rloo_hand_and_zero_sum():
+    adv = rloo_advantages(t(1.0, 2.0, 3.0, 5.0, 5.0, 5.0), group_size=3)
+    assert adv.tolist() == pytest.approx([1 - 2.5, 2 - 2.0, 3 - 1.5, 0.0, 0.0, 0.0])
+    assert adv.view(2, 3).sum(1).tolist() == pytest.approx([0.0, 0.0])
+    assert torch.isfinite(rloo_advantages(t(100.0, -100.0), 2)).all()
+    with pytest.raises(ValueError, match="groups of 4"):
+        rloo_advantages(t(1.0, 2.0, 3.0), 4)
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(t(1.0, 2.0), 1)
+
+
+def test_grpo_hand_and_constant_group():
+    adv = grpo_advantages(t(1.0, 3.0, 4.0, 4.0), group_size=2)
+    s = math.sqrt(2.0)  # unbiased std of (1, 3)
+    assert adv.tolist() == pytest.approx([-1 / s, 1 / s, 0.0, 0.0], abs=1e-5)
+    assert grpo_advantages(t(1.0, 3.0), 2, scale=False).tolist() == pytest.approx([-1.0, 1.0])
+    assert torch.isfinite(grpo_advantages(t(100.0, -100.0), 2)).all()
+
+
+def test_reinforce_hand_gradient_mask_stability():
+    logp = t(-1.0, -2.0, -3.0, -4.0).view(2, 2)
+    mask = t(1.0, 1.0, 1.0, 0.0).view(2, 2)
+    loss = reinforce_loss(logp, t(1.0, 2.0), mask)
+    assert loss.item() == pytest.approx(-((1.0 * -3.0) + (2.0 * -3.0)) / 2)  # = 4.5
+    x = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    reinforce_loss(x, t(2.0), torch.tensor([[1.0, 0.0]])).backward()
+    assert x.grad[0, 0] < 0 and x.grad[0, 1] == 0  # positive advantage: raise log pi; masked token: 0
+    y = torch.tensor([[100.0, -100.0]], requires_grad=True)
+    l2 = reinforce_loss(y, t(1.0), torch.ones(1, 2))
+    l2.backward()
+    assert torch.isfinite(l2) and torch.isfinite(y.grad).all()
+
+
+def test_ppo_clip_hand_numbers():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, stats = ppo_clip_loss(new, old, adv, torch.ones(1, 3), clip_eps=0.2)
+    # token 0: min(1.5, 1.2) -> 1.2; token 1: min(0.5, 0.8) -> 0.5; token 2 (A<0): min(-1.1, -1.1) -> -1.1
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 1.1) / 3, rel=1e-5)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)
+    higher, _ = ppo_clip_loss(new, old, adv, torch.ones(1, 3), clip_eps=0.2, clip_eps_high=0.6)
+    assert higher.item() == pytest.approx(-(1.5 + 0.5 - 1.1) / 3, rel=1e-5)
+
+
+def test_ppo_dual_clip_bounds_negative_advantage():
+    new, old = torch.log(torch.tensor([[10.0]])), torch.zeros(1, 1)
+    adv = torch.tensor([[-1.0]])
+    plain, _ = ppo_clip_loss(new, old, adv, torch.ones(1, 1))
+    dual, _ = ppo_clip_loss(new, old, adv, torch.ones(1, 1), dual_clip=3.0)
+    assert plain.item() == pytest.approx(10.0, rel=1e-5) and dual.item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="dual_clip"):
+        ppo_clip_loss(new, old, adv, torch.ones(1, 1), dual_clip=0.5)
+
+
+def test_ppo_gradient_mask_stability():
+    new = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = ppo_clip_loss(new, torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.0]]))
+    loss.backward()
+    assert new.grad[0, 0] < 0 and new.grad[0, 1] == 0
+    wild = torch.tensor([[100.0, -100.0]], requires_grad=True)
+    loss, stats = ppo_clip_loss(wild, torch.tensor([[-100.0, 100.0]]), torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2),
+                                dual_clip=3.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(wild.grad).all() and all(torch.isfinite(v) for v in stats.values())
+
+
+def test_aihf_mixes_both_losses():
+    d, p, w, l = t(1.0), t(0.0), t(0.0), t(2.0)
+    loss = aihf_reward_loss(d, p, w, l, gamma=0.3, alpha=0.7)
+    assert loss.item() == pytest.approx(0.3 * softplus(-1.0) + 0.7 * softplus(2.0))
+    only_demo = aihf_reward_loss(d, p, torch.empty(0), torch.empty(0), gamma=1.0, alpha=1.0)
+    assert only_demo.item() == pytest.approx(softplus(-1.0))
+    dg, wg = t(0.0, grad=True), t(0.0, grad=True)
+    aihf_reward_loss(dg, t(0.0), wg, t(0.0), gamma=1.0, alpha=1.0).backward()
+    assert dg.grad.item() < 0 and wg.grad.item() < 0
+    assert torch.isfinite(aihf_reward_loss(t(-100.0), t(100.0), t(-100.0), t(100.0), 1.0, 1.0))
+
+
+# ---- selection ---------------------------------------------------------------------------------------------
+
+def test_online_dpo_pairs_best_vs_worst():
+    sel = select_online_dpo_pairs(t(0.1, 0.9, -0.5, 2.0, 2.0, 2.0), group_size=3)
+    assert sel.chosen_P.tolist() == [1, 3] and sel.rejected_P.tolist() == [2, 3]
+    assert sel.valid_P.tolist() == [True, False]  # a constant group carries no preference
+    sel = select_online_dpo_pairs(t(100.0, -100.0), 2)
+    assert sel.chosen_P.tolist() == [0] and sel.valid_P.all()
+    with pytest.raises(ValueError, match="n >= 2"):
+        select_online_dpo_pairs(t(1.0, 2.0), 1)
+
+
+def test_best_of_n_prefix_and_n1_is_plain_sampling():
+    r = torch.tensor([[0.0, 5.0, 1.0, 9.0], [3.0, 2.0, 7.0, 1.0]])
+    assert best_of_n(r).tolist() == [3, 2]
+    assert best_of_n(r, 2).tolist() == [1, 0]
+    assert best_of_n(r, 1).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="n must be in"):
+        best_of_n(r, 5)
+
+
+def test_best_of_n_streamed_equals_whole():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(5, 12, generator=g)
+    r[0, 3] = r[0, 7] = 10.0  # a tie: the earlier sample wins both ways
+    state = BestOfNState.empty(5)
+    for chunk in r.split(5, dim=1):
+        state.update(chunk)
+    assert state.index_P.tolist() == best_of_n(r).tolist() and state.seen == 12
+    assert torch.equal(state.reward_P, r.max(1).values)
