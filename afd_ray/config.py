@@ -47,7 +47,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     demonstrations: str = "offline:chatterbot"
-    """Demonstration source: a .jsonl/.json/.parquet file, a Hub name or offline:chatterbot|offline:chitchat."""
+    """Demonstration source: a .jsonl/.json/.parquet file, a Hub name, offline:chatterbot|offline:chitchat,
+    or `toy` (afd_ray.toy: token-level digit task with an exact golden reward)."""
     split: str = ""
     """Hub split; empty = the dataset's usual one (train_sft for UltraChat 200k)."""
     preferences: str = ""
@@ -86,6 +87,9 @@ class RolloutConfig:
     """Cap on sampled response length."""
     gpu_memory_utilization: float = 0.15
     """vLLM memory share for weights + KV cache (on CPU: share of NUMA memory for the KV cache)."""
+    kv_cache_gb: float = 0.0
+    """KV cache per engine in GiB; 0 = derive it from gpu_memory_utilization. Set it on CPU, where the
+    derived size counts the whole actor process's memory against the share."""
     enforce_eager: bool = True
     """Skip graph capture (faster start, needed on CPU)."""
 
@@ -134,6 +138,8 @@ class RewardConfig:
     """Earlier iterations whose demo-vs-sample pairs are replayed; -1 = all (as the seeds' code), 0 = none."""
     epochs: int = 1
     """Passes over the pair buffer per reward step."""
+    batch_size: int = 32
+    """Pairs per optimizer step of the reward model (the replay window is walked in such batches)."""
     micro_batch_size: int = 4
     """Pairs per forward/backward on one rank."""
     grad_clip: float = 1.0
@@ -164,6 +170,13 @@ class RunConfig:
     """Share GPUs between the policy learner and the rollout engines (vLLM sleep/wake)."""
     sync_check_tol: float = 0.05
     """Largest mean |logprob difference| between vLLM and the learner allowed after a weight sync."""
+    stop_after: int = 0
+    """Stop cleanly after this many iterations in this invocation (resume later with --resume); 0 = run all."""
+    keep_checkpoints: int = 1
+    """Complete iteration checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
+    golden_reward: str = ""
+    """Optional golden reward `module:function(prompts, responses, tokenizer) -> list[float]` on token ids,
+    logged every iteration (afd_ray.toy:golden_reward for the toy task)."""
 
 
 @dataclass
@@ -314,7 +327,8 @@ def validate(cfg: Config) -> None:
 
     for key in ("rollout.num_workers", "rollout.tensor_parallel_size", "rollout.prompts_per_iteration",
                 "rollout.n", "rollout.max_new_tokens", "policy.epochs", "policy.micro_batch_size",
-                "policy.world_size", "reward.epochs", "reward.micro_batch_size", "reward.world_size",
+                "policy.world_size", "reward.epochs", "reward.micro_batch_size", "reward.world_size", "reward.batch_size",
+                "run.keep_checkpoints",
                 "run.iterations", "data.max_prompt_tokens", "data.max_response_tokens"):
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
@@ -332,6 +346,10 @@ def validate(cfg: Config) -> None:
     need(cfg.reward.replay_window >= -1, f"reward.replay_window must be -1 (all), 0 or more, got "
                                          f"{cfg.reward.replay_window}")
     need(cfg.data.heldout >= 0 and cfg.data.limit >= 0, "data.heldout and data.limit must be >= 0")
+    need(cfg.rollout.kv_cache_gb >= 0, f"rollout.kv_cache_gb must be >= 0, got {cfg.rollout.kv_cache_gb}")
+    need(cfg.run.stop_after >= 0, f"run.stop_after must be >= 0, got {cfg.run.stop_after}")
+    need(not cfg.run.golden_reward or ":" in cfg.run.golden_reward,
+         f"run.golden_reward must look like module:function, got {cfg.run.golden_reward!r}")
     need(cfg.model.lora_r >= 0, f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
     if cfg.policy.algo in ("rloo", "grpo", "online_dpo"):
         need(cfg.rollout.n >= 2, f"policy.algo={cfg.policy.algo} compares samples of a prompt: rollout.n must be "

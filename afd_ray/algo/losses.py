@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from afd_ray.algo.masked import masked_mean, masked_sum
+from afd_ray.algo.masked import batch_mean, masked_mean, masked_sum
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: large enough never to bind in practice, small enough not to overflow
 
 
-def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: str = "token") -> torch.Tensor:
+def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: str = "token",
+             denom: float | torch.Tensor | None = None) -> torch.Tensor:
     """Behaviour cloning NLL on demonstrations (seeds/004 Protocol 1; seeds/000 Eq. 6-7, forward KL):
 
         l_SFT = -log pi(y* | x) = -sum_t log pi(y*_t | x, y*_<t).
@@ -23,11 +24,12 @@ def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: str = "tok
     logp_BT: (B, T) log pi of the demonstration tokens; mask_BT: (B, T), 1 on response tokens only.
     reduction: "token" = mean over all response tokens in the batch (long answers weigh more; the usual
     SFT choice); "sequence" = per-sequence sum, mean over the batch (Protocol 1 exactly).
+    denom: global token (or sequence) count for data-parallel ranks (``masked_mean``).
     """
     if reduction == "token":
-        return -masked_mean(logp_BT, mask_BT)
+        return -masked_mean(logp_BT, mask_BT, denom=denom)
     if reduction == "sequence":
-        return -masked_sum(logp_BT, mask_BT).mean()
+        return -batch_mean(masked_sum(logp_BT, mask_BT), denom)
     raise ValueError(f"sft reduction must be 'token' or 'sequence', got {reduction!r}")
 
 
@@ -36,6 +38,7 @@ def bradley_terry_loss(
     r_rejected_B: torch.Tensor,
     margin: float | torch.Tensor = 0.0,
     p_chosen_B: torch.Tensor | None = None,
+    denom: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bradley-Terry negative log-likelihood of preferences (seeds/004 Eq. 13):
 
@@ -45,16 +48,18 @@ def bradley_terry_loss(
     margin: m, scalar or (B,), demands a gap of at least m (Llama-2 style margin); 0 gives Eq. 13.
     p_chosen_B: optional (B,) soft labels P(y_w > y_l); the loss becomes the binary cross-entropy
     -[p log s(d) + (1-p) log s(-d)], which equals Eq. 13 at p = 1.
+    denom: global pair count for data-parallel ranks (``batch_mean``).
     """
     d_B = r_chosen_B.float() - r_rejected_B.float() - margin
     if p_chosen_B is None:
-        return -F.logsigmoid(d_B).mean()
+        return batch_mean(-F.logsigmoid(d_B), denom)
     p_B = p_chosen_B.float()
-    return -(p_B * F.logsigmoid(d_B) + (1 - p_B) * F.logsigmoid(-d_B)).mean()
+    return batch_mean(-(p_B * F.logsigmoid(d_B) + (1 - p_B) * F.logsigmoid(-d_B)), denom)
 
 
 def pairwise_reward_loss(
-    r_demo_B: torch.Tensor, r_policy_B: torch.Tensor, margin: float | torch.Tensor = 0.0
+    r_demo_B: torch.Tensor, r_policy_B: torch.Tensor, margin: float | torch.Tensor = 0.0,
+    denom: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """IRL reward step (seeds/004 Eq. 21a with ell = log sigmoid): the demonstration y* is preferred to
     the current policy's sample y' for the same prompt,
@@ -63,10 +68,11 @@ def pairwise_reward_loss(
 
     r_demo_B, r_policy_B: (B,) rewards of paired (x, y*) and (x, y'). It is Eq. 13 with y_w = y*.
     """
-    return bradley_terry_loss(r_demo_B, r_policy_B, margin)
+    return bradley_terry_loss(r_demo_B, r_policy_B, margin, denom=denom)
 
 
-def discriminator_loss(logit_pos_B: torch.Tensor, logit_neg_B: torch.Tensor) -> torch.Tensor:
+def discriminator_loss(logit_pos_B: torch.Tensor, logit_neg_B: torch.Tensor,
+                       denom_pos: float | None = None, denom_neg: float | None = None) -> torch.Tensor:
     """Pointwise discriminator BCE (seeds/000 Eq. 11), with D = sigmoid(logit):
 
         max_phi E_pos[log D(y|x)] + E_neg[log(1 - D(y|x))]
@@ -76,8 +82,10 @@ def discriminator_loss(logit_pos_B: torch.Tensor, logit_neg_B: torch.Tensor) -> 
     logit_neg_B: (B',) logits of negatives (policy / pi_init samples); B and B' may differ.
     The reward of Eq. 12, r = log D - log(1 - D), is the logit itself, so the scalar head's output is
     used as the reward unchanged (see ``discriminator_reward`` for probability outputs).
+    denom_pos / denom_neg: global counts for data-parallel ranks (``batch_mean``).
     """
-    return -F.logsigmoid(logit_pos_B.float()).mean() - F.logsigmoid(-logit_neg_B.float()).mean()
+    return (batch_mean(-F.logsigmoid(logit_pos_B.float()), denom_pos)
+            + batch_mean(-F.logsigmoid(-logit_neg_B.float()), denom_neg))
 
 
 def discriminator_reward(prob_B: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -109,6 +117,7 @@ def dpo_loss(
     ref_logp_rejected_B: torch.Tensor,
     beta: float,
     label_smoothing: float = 0.0,
+    denom: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (seeds/004 Eq. 18, Protocol 6):
 
@@ -121,7 +130,7 @@ def dpo_loss(
     lr_w, lr_l = _logratio_margin(logp_chosen_B, logp_rejected_B, ref_logp_chosen_B, ref_logp_rejected_B)
     h_B = beta * (lr_w - lr_l)
     loss_B = -(1 - label_smoothing) * F.logsigmoid(h_B) - label_smoothing * F.logsigmoid(-h_B)
-    return loss_B.mean(), _pair_stats(beta * lr_w, beta * lr_l)
+    return batch_mean(loss_B, denom), _pair_stats(beta * lr_w, beta * lr_l)
 
 
 def ipo_loss(
@@ -169,7 +178,8 @@ def _pair_stats(reward_w_B: torch.Tensor, reward_l_B: torch.Tensor) -> dict[str,
     }
 
 
-def reinforce_loss(logp_BT: torch.Tensor, advantage_B: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+def reinforce_loss(logp_BT: torch.Tensor, advantage_B: torch.Tensor, mask_BT: torch.Tensor,
+                   denom: float | torch.Tensor | None = None) -> torch.Tensor:
     """REINFORCE (seeds/004 Protocol 5, line 6): grad = -mean_i A_i * grad log pi(y_i | x_i), with
     log pi(y|x) = sum_t log pi(y_t | ...). Use ``kl_shaped_reward`` for A to fold the KL into the reward,
     or an RLOO/GRPO advantage for a baseline.
@@ -177,7 +187,7 @@ def reinforce_loss(logp_BT: torch.Tensor, advantage_B: torch.Tensor, mask_BT: to
     logp_BT: (B, T) current policy log-probs of sampled tokens (with grad); advantage_B: (B,) (detached);
     mask_BT: (B, T) response tokens.
     """
-    return -(advantage_B.detach().float() * masked_sum(logp_BT.float(), mask_BT)).mean()
+    return batch_mean(-(advantage_B.detach().float() * masked_sum(logp_BT.float(), mask_BT)), denom)
 
 
 def ppo_clip_loss(
@@ -188,6 +198,7 @@ def ppo_clip_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
+    denom: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate (seeds/004 Protocol 4, lines 5-6), per token:
 
@@ -198,7 +209,8 @@ def ppo_clip_loss(
     logp_BT, old_logp_BT: (B, T) log-probs under the current and the sampling policy; advantage_BT: (B, T)
     (broadcast a sequence advantage with ``adv_B[:, None]``); mask_BT: (B, T). Token-level mean.
     clip_eps_high defaults to clip_eps (DAPO's clip-higher when larger). The log ratio is clamped to
-    +-20 before exp, so a wild token cannot overflow. Returns (loss, stats: clipfrac, approx_kl, ratio).
+    +-20 before exp, so a wild token cannot overflow. denom: global token count for data-parallel ranks.
+    Returns (loss, stats: clipfrac, approx_kl, ratio).
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (it bounds the loss at -c*A for A < 0), got {dual_clip}")
@@ -217,7 +229,7 @@ def ppo_clip_loss(
             "approx_kl": masked_mean(0.5 * log_ratio.square(), mask_BT),
             "ratio": masked_mean(ratio, mask_BT),
         }
-    return masked_mean(loss_BT, mask_BT), stats
+    return masked_mean(loss_BT, mask_BT, denom=denom), stats
 
 
 def aihf_reward_loss(

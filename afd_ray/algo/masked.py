@@ -5,16 +5,21 @@ from __future__ import annotations
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                denom: float | torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``x`` over positions where ``mask`` is 1.
 
     x, mask: same shape (e.g. (B, T)); mask is 0/1 (bool or float).
     dim None: one scalar over all unmasked entries (token-level mean); an int: mean along that dim.
+    denom: divide the masked sum by this instead of the local count (dim None only). A data-parallel
+    rank passes the global token count so that summing its micro-batches' losses over all ranks gives
+    exactly the global token mean.
     An all-zero mask gives 0, not NaN, so an empty micro-batch cannot poison a step.
     """
     mask = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+        count = mask.sum().clamp(min=1.0) if denom is None else denom
+        return (x * mask).sum() / count
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
@@ -34,3 +39,8 @@ def token_logprobs(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
     logits = logits_BTV.float()
     picked = torch.gather(logits, -1, labels_BT.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def batch_mean(x_B: torch.Tensor, denom: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch, or sum / denom when a global count is given (see ``masked_mean``)."""
+    return x_B.mean() if denom is None else x_B.sum() / denom

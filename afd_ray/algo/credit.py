@@ -1,0 +1,71 @@
+"""From scored rollouts to the policy learner's batch: the policy step of the IRL loop (seeds/004 Eq. 21b).
+
+Pure: rewards, sampler and reference log-probs in; a ``PolicyBatch`` out. The learner stays algorithm-blind.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from afd_ray.algo.advantages import grpo_advantages, kl_shaped_reward, rloo_advantages
+from afd_ray.algo.selection import select_online_dpo_pairs
+from afd_ray.types import PolicyBatch, Samples, SequenceBatch
+
+ALGOS = ("rloo", "grpo", "reinforce", "ppo", "online_dpo")
+
+
+def ragged_to_padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-token values -> (B, T) values and mask."""
+    width = max((len(r) for r in rows), default=0)
+    values, mask = torch.zeros(len(rows), max(width, 1)), torch.zeros(len(rows), max(width, 1))
+    for i, r in enumerate(rows):
+        values[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+        mask[i, : len(r)] = 1
+    return values, mask
+
+
+def sequences(samples: Samples) -> SequenceBatch:
+    return SequenceBatch([samples.prompt_of(k) for k in range(len(samples.response_ids))], samples.response_ids)
+
+
+def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: list[list[float]], *, beta: float,
+                 kl_estimator: str = "k1", kl_in_reward: bool = True, clip_eps: float = 0.2,
+                 dual_clip: float = 0.0, dpo_beta: float = 0.1, old_logp: list[list[float]] | None = None
+                 ) -> tuple[PolicyBatch, dict[str, float]]:
+    """Credit assignment for ``algo``. Returns the batch and the statistics it was built from.
+
+    rloo / grpo / reinforce / ppo: with ``kl_in_reward`` the sequence reward becomes
+    r - beta * sum_t KL_t (Protocol 5); otherwise the learner adds beta * KL to the loss (Protocol 8).
+    rloo: leave-one-out baseline; grpo and ppo: group-normalised advantages; reinforce: the shaped reward
+    itself. ppo clips the ratio against ``old_logp`` (learner log-probs before the update).
+    online_dpo: best vs worst sample of each prompt by reward, DPO loss against pi_ref.
+    """
+    if algo not in ALGOS:
+        raise ValueError(f"unknown policy algo {algo!r}; choose one of {ALGOS}")
+    seqs = sequences(samples)
+    logp_BT, mask_BT = ragged_to_padded(samples.logprobs)
+    ref_BT, _ = ragged_to_padded(ref_logp)
+    shaped_B = kl_shaped_reward(reward_B, logp_BT, ref_BT, mask_BT, beta, kl_estimator)
+    stats = {"reward": float(reward_B.mean()), "shaped_reward": float(shaped_B.mean()),
+             "kl": float(((logp_BT - ref_BT) * mask_BT).sum(1).mean())}
+    if algo == "online_dpo":
+        sel = select_online_dpo_pairs(reward_B, samples.n)
+        keep = [(int(c), int(r)) for c, r, v in zip(sel.chosen_P, sel.rejected_P, sel.valid_P) if v]
+        order = [k for pair in keep for k in pair]
+        ref_seq = torch.tensor([sum(ref_logp[k]) for k in order])
+        stats["dpo_pairs"] = float(len(keep))
+        batch = PolicyBatch("dpo", SequenceBatch([seqs.prompts[k] for k in order], [seqs.responses[k] for k in order]),
+                            ref_seq_logp=ref_seq, beta=dpo_beta)
+        return batch, stats
+    signal_B = shaped_B if kl_in_reward else reward_B.float()
+    if algo == "rloo":
+        adv_B = rloo_advantages(signal_B, samples.n)
+    elif algo in ("grpo", "ppo"):
+        adv_B = grpo_advantages(signal_B, samples.n)
+    else:
+        adv_B = signal_B
+    batch = PolicyBatch("pg", seqs, advantages=adv_B, old_logp=old_logp if algo == "ppo" else None,
+                        ref_logp=ref_logp, kl_coef=0.0 if kl_in_reward else beta,
+                        kl_estimator="k3" if not kl_in_reward else kl_estimator, clip_eps=clip_eps,
+                        dual_clip=dual_clip or None)
+    return batch, stats

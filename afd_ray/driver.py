@@ -1,0 +1,136 @@
+"""The bi-level IRL loop (DESIGN.md Sec. 1; seeds/004 Eq. 21a-21b). Collaborators are injected: the real
+ones are Ray actor handles (``afd_ray.workers.handles``), driver-logic tests pass named fakes.
+
+    for t in iterations:
+        y' ~ pi_t(.|x) for x in the next prompts                      rollout (vLLM)
+        phi_{t+1} = argmin -log s(r(x, y*) - r(x, y'))  over replay     reward step (Eq. 21a)
+        r = r_phi_{t+1}(x, y'),  log pi_ref(y'|x)                       score, reference
+        theta_{t+1}: max E[r] - beta KL(pi || pi_ref)                   policy step (Eq. 21b)
+        sync theta_{t+1} -> vLLM, check;  log;  checkpoint
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from afd_ray.algo.credit import policy_batch, sequences
+from afd_ray.config import Config
+from afd_ray.data.tokenize import Encoded
+from afd_ray.replay import DataCursor, PairReplay
+from afd_ray.types import SamplingSpec, SequenceBatch
+
+
+@dataclass
+class Collaborators:
+    rollout: Any  # generate(prompt_ids, SamplingSpec) -> Samples
+    policy: Any  # update(PolicyBatch) -> stats; logprobs(SequenceBatch) -> per-token lists
+    reward: Any  # update(PairBatch, loss, margin) -> stats; score(SequenceBatch) -> (B,) tensor
+    reference: Any  # logprobs(SequenceBatch) -> per-token lists
+    sync: Callable[[], dict[str, float]]  # push theta to the engines and check them
+    golden: Callable[[list[list[int]], list[list[int]]], list[float]] | None = None
+
+
+@dataclass
+class LoopState:
+    """Everything besides the models that a resumed run needs: the last finished iteration, the data
+    cursor and the pair replay."""
+
+    cursor: DataCursor
+    replay: PairReplay = field(default_factory=PairReplay)
+    iteration: int = 0
+
+
+class Phases:
+    """Wall-clock seconds per phase of one iteration."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[f"time/{name}"] = self.seconds.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+
+
+def sampling(cfg: Config, t: int, n: int | None = None) -> SamplingSpec:
+    return SamplingSpec(n=cfg.rollout.n if n is None else n, temperature=cfg.rollout.temperature,
+                        top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_new_tokens,
+                        seed=cfg.run.seed * 1_000_003 + t)
+
+
+def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encoded], c: Collaborators,
+                  state: LoopState) -> dict[str, float]:
+    """One alternation; returns its metrics. Mutates ``state`` (cursor, replay, iteration)."""
+    phase, m = Phases(), {"iteration": float(t)}
+    idx = state.cursor.take(cfg.rollout.prompts_per_iteration)
+    with phase("rollout"):
+        samples = c.rollout.generate([demos[i].prompt_ids for i in idx], sampling(cfg, t))
+        probe = c.rollout.generate([d.prompt_ids for d in heldout], sampling(cfg, -t, n=1)) if heldout else None
+    seqs, n = sequences(samples), samples.n
+    with phase("reward"):  # Eq. 21a over this iteration's pairs and the replay window
+        state.replay.add(t, [idx[k // n] for k in range(len(seqs))], samples.response_ids)
+        window = state.replay.window(t, cfg.reward.replay_window)
+        m["replay_pairs"] = float(len(window))
+        order = torch.randperm(len(window), generator=torch.Generator().manual_seed(cfg.run.seed + t)).tolist()
+        for _ in range(cfg.reward.epochs):
+            for s in range(0, len(order), cfg.reward.batch_size):
+                chunk = [window[i] for i in order[s:s + cfg.reward.batch_size]]
+                stats = c.reward.update(PairReplay.batch(chunk, demos), cfg.reward.loss, cfg.reward.margin)
+        m.update({f"reward/{k}": v for k, v in stats.items()})
+    with phase("score"):
+        reward = c.reward.score(seqs)
+    with phase("reference"):
+        ref_logp = c.reference.logprobs(seqs)
+    with phase("policy"):  # Eq. 21b
+        old = c.policy.logprobs(seqs) if cfg.policy.algo == "ppo" else None
+        batch, credit = policy_batch(cfg.policy.algo, samples, reward, ref_logp, beta=cfg.policy.beta,
+                                     kl_estimator=cfg.policy.kl_estimator, kl_in_reward=cfg.policy.kl_in_reward,
+                                     clip_eps=cfg.policy.clip_eps, dual_clip=cfg.policy.dual_clip,
+                                     dpo_beta=cfg.policy.dpo_beta, old_logp=old)
+        for _ in range(cfg.policy.epochs):
+            stats = c.policy.update(batch)
+        m.update({f"policy/{k}": v for k, v in stats.items()})
+        m.update({f"rollout/{k}": v for k, v in credit.items()})
+    with phase("sync"):
+        m.update({f"sync/{k}": v for k, v in c.sync().items()})
+    with phase("diagnostics"):
+        m["rollout/response_length"] = sum(map(len, samples.response_ids)) / len(samples.response_ids)
+        if c.golden is not None:
+            m["golden/train_samples"] = _mean(c.golden(seqs.prompts, seqs.responses))
+        if probe is not None:
+            m.update(heldout_diagnostics(heldout, probe.response_ids, c))
+    m.update(phase.seconds)
+    m["time/iteration"] = sum(phase.seconds.values())
+    state.iteration = t
+    return m
+
+
+def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: Collaborators) -> dict[str, float]:
+    """Demo-vs-policy discrimination on held-out prompts: how often r(x, y*) > r(x, y'), the mean gap,
+    and the golden reward of the policy's held-out samples (when a golden reward is configured)."""
+    prompts = [d.prompt_ids for d in heldout]
+    r = c.reward.score(SequenceBatch(prompts + prompts, [d.response_ids for d in heldout] + responses))
+    r_demo, r_pol = r[: len(heldout)], r[len(heldout):]
+    out = {"heldout/reward_accuracy": float((r_demo > r_pol).float().mean()),
+           "heldout/reward_gap": float((r_demo - r_pol).mean())}
+    if c.golden is not None:
+        out["golden/heldout_policy"] = _mean(c.golden(prompts, responses))
+        out["golden/heldout_demos"] = _mean(c.golden(prompts, [d.response_ids for d in heldout]))
+    return out
+
+
+def evaluate_policy(cfg: Config, heldout: list[Encoded], c: Collaborators, tag: str = "final") -> dict[str, float]:
+    """Sample the current policy once per held-out prompt and report what ``heldout_diagnostics`` does."""
+    probe = c.rollout.generate([d.prompt_ids for d in heldout], sampling(cfg, -10**6, n=1))
+    return {f"{tag}/{k.split('/', 1)[1]}": v for k, v in heldout_diagnostics(heldout, probe.response_ids, c).items()}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(len(xs), 1)

@@ -1,0 +1,74 @@
+"""Resource placement as a pure function of the config (tests/test_placement.py).
+
+Layouts:
+- ``cpu``: every actor asks for a small CPU share; Ray packs them on the node (2 cores run everything).
+- ``separate`` (GPU): rollout engines, policy ranks and reward ranks get whole GPUs of their own; the
+  reference model rides along on the policy ranks' GPUs (a fraction each).
+- ``colocate`` (GPU): one placement group of ``policy.world_size`` GPU bundles shared by every role:
+  on each bundle a policy rank, a rollout engine (asleep while the learners train), a reward rank and
+  the reference; fractions add up to 1 per GPU. This is what makes 2 GPUs enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from afd_ray.config import Config
+
+CPU_SHARE = 0.1  # Ray CPU accounting per actor on a CPU-only run (they all share the node's cores)
+COLOCATED_GPU_SHARE = {"policy": 0.4, "rollout": 0.3, "reward": 0.2, "reference": 0.1}
+
+
+@dataclass
+class Slot:
+    """Where one actor runs: placement group ``group``, bundle ``bundle``, asking for ``resources``."""
+
+    group: str
+    bundle: int
+    resources: dict[str, float]
+
+
+@dataclass
+class Plan:
+    """groups: placement-group name -> bundles to reserve; roles: role -> one Slot per actor."""
+
+    layout: str
+    groups: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    roles: dict[str, list[Slot]] = field(default_factory=dict)
+
+    def gpus(self) -> float:
+        return sum(b.get("GPU", 0) for bundles in self.groups.values() for b in bundles)
+
+
+def plan(cfg: Config) -> Plan:
+    counts = {"rollout": cfg.rollout.num_workers, "policy": cfg.policy.world_size,
+              "reward": cfg.reward.world_size, "reference": 1}
+    if cfg.run.device == "cpu":
+        p = Plan("cpu")
+        for role, n in counts.items():
+            p.groups[role] = [{"CPU": CPU_SHARE}] * n
+            p.roles[role] = [Slot(role, i, {"CPU": CPU_SHARE}) for i in range(n)]
+        return p
+    tp = cfg.rollout.tensor_parallel_size
+    if cfg.run.colocate:
+        n = cfg.policy.world_size
+        if cfg.rollout.num_workers * tp != n or cfg.reward.world_size != n:
+            raise ValueError(
+                f"colocate shares {n} GPUs (policy.world_size) between roles: rollout.num_workers * "
+                f"rollout.tensor_parallel_size ({cfg.rollout.num_workers} * {tp}) and reward.world_size "
+                f"({cfg.reward.world_size}) must both equal {n}")
+        p = Plan("colocate", groups={"colocated": [{"GPU": 1, "CPU": 2}] * n})
+        for role, count in counts.items():
+            share = COLOCATED_GPU_SHARE[role] * (tp if role == "rollout" else 1)
+            p.roles[role] = [Slot("colocated", i * (tp if role == "rollout" else 1), {"GPU": share, "CPU": 0.25})
+                             for i in range(count)]
+        return p
+    p = Plan("separate")
+    p.groups["rollout"] = [{"GPU": tp, "CPU": 1}] * cfg.rollout.num_workers
+    p.roles["rollout"] = [Slot("rollout", i, {"GPU": tp, "CPU": 1}) for i in range(cfg.rollout.num_workers)]
+    p.groups["policy"] = [{"GPU": 1, "CPU": 2}] * cfg.policy.world_size
+    p.roles["policy"] = [Slot("policy", i, {"GPU": 0.8, "CPU": 1}) for i in range(cfg.policy.world_size)]
+    p.roles["reference"] = [Slot("policy", 0, {"GPU": 0.2, "CPU": 1})]
+    p.groups["reward"] = [{"GPU": 1, "CPU": 1}] * cfg.reward.world_size
+    p.roles["reward"] = [Slot("reward", i, {"GPU": 1, "CPU": 1}) for i in range(cfg.reward.world_size)]
+    return p

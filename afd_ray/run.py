@@ -1,0 +1,298 @@
+"""One IRL run end to end: data, actors, the loop, checkpoints every iteration, resume, report.
+
+Run directory layout:
+    config.yaml             the resolved config
+    metrics.jsonl           one line per finished iteration
+    checkpoints/iter_NNNNNN/{policy, reward}             HF-format models
+                           {policy_state, reward_state}  DeepSpeed states (weights, optimizer, RNG)
+                           loop.pt                       data cursor, pair replay, iteration
+    checkpoints/latest.json the last complete iteration (written last, atomically)
+    report.md               summary with the phase-time split
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from afd_ray.config import Config, load_config
+from afd_ray.data.tokenize import Encoded, TruncationRules, encode_demonstrations
+from afd_ray.driver import Collaborators, LoopState, evaluate_policy, irl_iteration
+from afd_ray.replay import DataCursor, PairReplay
+
+log = logging.getLogger("afd_ray")
+
+
+# ---- run directory ---------------------------------------------------------------------------------------
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.ckpt = self.path / "checkpoints"
+
+    @classmethod
+    def create(cls, cfg: Config) -> RunDir:
+        name = cfg.run.name or f"{cfg.run.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        rd = cls(Path(cfg.run.output_dir) / name)
+        rd.ckpt.mkdir(parents=True, exist_ok=True)
+        atomic_write(rd.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return rd
+
+    def latest(self) -> tuple[int, Path] | None:
+        f = self.ckpt / "latest.json"
+        if not f.is_file():
+            return None
+        t = json.loads(f.read_text())["iteration"]
+        return t, self.ckpt / f"iter_{t:06d}"
+
+    def begin(self, t: int) -> Path:
+        tmp = self.ckpt / f".iter_{t:06d}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, t: int, tmp: Path, keep: int) -> Path:
+        """Make the partial checkpoint the latest one: rename, then point latest.json at it."""
+        final = self.ckpt / f"iter_{t:06d}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write(self.ckpt / "latest.json", json.dumps({"iteration": t}))
+        done = sorted(p for p in self.ckpt.glob("iter_*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def append_metrics(self, m: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(m) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(self) -> list[dict]:
+        f = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+
+    def truncate_metrics(self, last_iteration: int) -> None:
+        """Drop lines of iterations after the last complete checkpoint (they will be run again)."""
+        kept = [m for m in self.metrics() if m["iteration"] <= last_iteration]
+        atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+def build_data(cfg: Config, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
+    """Tokenised demonstrations, shuffled with the run seed, split into (train, held-out)."""
+    if cfg.data.demonstrations == "toy":
+        from afd_ray import toy
+
+        encoded = toy.make_demonstrations(tokenizer, cfg.data.limit or 1024, seed=cfg.run.seed)
+    else:
+        from afd_ray.data.readers import load_demonstrations
+
+        loaded = load_demonstrations(cfg.data.demonstrations, cfg.data.split or None, cfg.data.on_bad_row,
+                                     cfg.data.limit or None)
+        rules = TruncationRules(cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, cfg.data.prompt_overflow,
+                                cfg.data.response_overflow, cfg.data.on_bad_row)
+        encoded, skipped = encode_demonstrations(tokenizer, loaded.items, rules)
+        if loaded.num_skipped or skipped:
+            log.warning("demonstrations: skipped %s while reading and %s while tokenising", loaded.skipped, skipped)
+    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.run.seed)).tolist()
+    encoded = [encoded[i] for i in order]
+    if len(encoded) <= cfg.data.heldout:
+        raise ValueError(f"data.heldout={cfg.data.heldout} leaves no training demonstrations out of {len(encoded)}")
+    return encoded[cfg.data.heldout:], encoded[: cfg.data.heldout]
+
+
+def load_golden(spec: str, tokenizer):
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    return lambda prompts, responses: fn(prompts, responses, tokenizer)
+
+
+# ---- actors ----------------------------------------------------------------------------------------------
+
+class System:
+    """The actors of one run and the driver's collaborators over them."""
+
+    def __init__(self, cfg: Config, policy_path: str, reward_path: str, reference_path: str, tokenizer,
+                 probe: list[Encoded]):
+        from afd_ray.placement import plan
+        from afd_ray.types import SequenceBatch
+        from afd_ray.workers import handles
+        from afd_ray.workers.deepspeed_rank import LearnerSpec
+        from afd_ray.workers.group import ActorGroup, reserve
+        from afd_ray.workers.policy import PolicyLearner
+        from afd_ray.workers.reference import ReferenceServer
+        from afd_ray.workers.reward import RewardLearner
+        from afd_ray.workers.rollout import RolloutWorker
+
+        p = plan(cfg)
+        self.groups = reserve(p)
+        cpu = cfg.run.device == "cpu"
+        cores = os.cpu_count() or 2
+        pad = tokenizer.pad_token_id
+        learner_env = {"OMP_NUM_THREADS": str(max(1, cores // cfg.policy.world_size))} if cpu else None
+        max_len = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_response_tokens) + 8
+        self.rollout = ActorGroup(
+            RolloutWorker, p, "rollout", self.groups, policy_path, dtype=cfg.model.dtype, max_model_len=max_len,
+            seed=cfg.run.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+            device=cfg.run.device, omp_threads_bind=f"0-{cores - 1}" if cpu else "auto",
+            kv_cache_gb=cfg.rollout.kv_cache_gb)
+        common = dict(dtype=cfg.model.dtype, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
+                      seed=cfg.run.seed, device=cfg.run.device, pad_token_id=pad)
+        self.policy = ActorGroup(PolicyLearner, p, "policy", self.groups, LearnerSpec(
+            policy_path, lr=cfg.policy.lr, weight_decay=cfg.policy.weight_decay, grad_clip=cfg.policy.grad_clip,
+            zero_stage=cfg.policy.zero_stage, micro_batch_size=cfg.policy.micro_batch_size, **common),
+            ranked=True, env=learner_env)
+        self.reward = ActorGroup(RewardLearner, p, "reward", self.groups, LearnerSpec(
+            reward_path, lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip, zero_stage=cfg.reward.zero_stage,
+            micro_batch_size=cfg.reward.micro_batch_size, freeze_layers=cfg.reward.freeze_layers, **common),
+            ranked=True, env=learner_env)
+        self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, reference_path,
+                                    dtype=cfg.model.dtype, micro_batch_size=cfg.policy.micro_batch_size,
+                                    pad_token_id=pad, device=cfg.run.device)
+        probe_batch = SequenceBatch([e.prompt_ids for e in probe], [e.response_ids for e in probe])
+        self.sync = handles.WeightSync(self.policy, self.rollout, probe_batch, cfg.run.sync_check_tol,
+                                       backend="gloo" if cpu else "nccl")
+        self.handles = dict(rollout=handles.RolloutPool(self.rollout), policy=handles.PolicyGroup(self.policy),
+                            reward=handles.RewardGroup(self.reward), reference=handles.Reference(self.reference))
+
+    def collaborators(self, golden) -> Collaborators:
+        return Collaborators(**self.handles, sync=self.sync.sync, golden=golden)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for g in (self.rollout, self.policy, self.reward, self.reference):
+            g.kill()
+        for pg in self.groups.values():
+            ray.util.remove_placement_group(pg)
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Under `ray job submit` RAY_ADDRESS points at the cluster; plain `python` starts a local instance.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print) -> RunDir:
+    """Start a run from ``cfg`` or resume ``resume`` (a run directory) after its last complete iteration."""
+    from afd_ray.models.loading import load_tokenizer, resolve_model_path
+
+    if resume is not None:
+        rd = RunDir(resume)
+        if not (rd.path / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume {resume}: not a run directory (no config.yaml)")
+        saved = load_config(str(rd.path / "config.yaml"))
+        if cfg is not None:  # allow a longer schedule or a different stop point on resume
+            saved.run.iterations, saved.run.stop_after = cfg.run.iterations, cfg.run.stop_after
+        cfg = saved
+    else:
+        rd = RunDir.create(cfg)
+    initial = resolve_model_path(cfg.model.policy)
+    tokenizer = load_tokenizer(initial)
+    train, heldout = build_data(cfg, tokenizer)
+    state = LoopState(cursor=DataCursor(len(train), seed=cfg.run.seed))
+    policy_path, reward_path = initial, resolve_model_path(cfg.model.reward) if cfg.model.reward else initial
+    last = rd.latest()
+    if last is not None:
+        t, path = last
+        loop = torch.load(path / "loop.pt", weights_only=False)
+        state = LoopState(cursor=DataCursor(**loop["cursor"]), replay=PairReplay(loop["replay"]), iteration=t)
+        policy_path, reward_path = str(path / "policy"), str(path / "reward")
+        rd.truncate_metrics(t)
+        echo(f"resuming {rd.path} after iteration {t}")
+    reference_path = resolve_model_path(cfg.model.reference) if cfg.model.reference else initial
+    ensure_ray()
+    system = System(cfg, policy_path, reward_path, reference_path, tokenizer, heldout[:4])
+    try:
+        if last is not None:
+            import ray
+
+            ray.get(system.policy.run("load", str(last[1] / "policy_state"))
+                    + system.reward.run("load", str(last[1] / "reward_state")))
+        system.sync.check()  # the engines start from the same weights as the learner: prove it
+        c = system.collaborators(load_golden(cfg.run.golden_reward, tokenizer))
+        end = cfg.run.iterations if not cfg.run.stop_after else min(cfg.run.iterations,
+                                                                      state.iteration + cfg.run.stop_after)
+        for t in range(state.iteration + 1, end + 1):
+            m = irl_iteration(t, cfg, train, heldout, c, state)
+            t0 = time.perf_counter()
+            save_checkpoint(rd, system, state, t, initial, cfg.run.keep_checkpoints)
+            m["time/checkpoint"] = time.perf_counter() - t0
+            rd.append_metrics(m)
+            echo(summary_line(m))
+        if state.iteration == cfg.run.iterations:
+            final = evaluate_policy(cfg, heldout, c) if heldout else {}
+            write_report(rd, cfg, final)
+            echo(f"done: {rd.path} ({rd.path / 'report.md'})")
+        else:
+            echo(f"stopped after iteration {state.iteration}; continue with --resume {rd.path}")
+    finally:
+        system.shutdown()
+    return rd
+
+
+def save_checkpoint(rd: RunDir, system: System, state: LoopState, t: int, tokenizer_path: str, keep: int) -> None:
+    tmp = rd.begin(t)
+    system.handles["policy"].save(str(tmp / "policy_state"), str(tmp / "policy"), tokenizer_path)
+    system.handles["reward"].save(str(tmp / "reward_state"), str(tmp / "reward"), tokenizer_path)
+    torch.save({"cursor": asdict(state.cursor), "replay": state.replay.pairs, "iteration": t}, tmp / "loop.pt")
+    rd.commit(t, tmp, keep)
+
+
+def summary_line(m: dict) -> str:
+    keys = [("iteration", "it", "{:.0f}"), ("rollout/reward", "r", "{:+.3f}"), ("rollout/kl", "kl", "{:.3f}"),
+            ("heldout/reward_accuracy", "acc", "{:.2f}"), ("golden/heldout_policy", "golden", "{:.3f}"),
+            ("sync/sync_seconds", "sync", "{:.2f}s"), ("time/iteration", "time", "{:.1f}s")]
+    return "  ".join(f"{short}={fmt.format(m[k])}" for k, short, fmt in keys if k in m)
+
+
+def write_report(rd: RunDir, cfg: Config, final: dict) -> None:
+    ms = rd.metrics()
+    phases = sorted({k for m in ms for k in m if k.startswith("time/") and k != "time/iteration"})
+    lines = [f"# Run report: {rd.path.name}", "",
+             f"method `{cfg.run.method}`, policy algo `{cfg.policy.algo}`, model `{cfg.model.policy}`, "
+             f"demonstrations `{cfg.data.demonstrations}`, {len(ms)} iterations.", "",
+             "## Per iteration", "",
+             "| it | reward | KL | held-out acc | reward gap | golden (held-out) | iteration s |",
+             "|---|---|---|---|---|---|---|"]
+    for m in ms:
+        lines.append("| {:.0f} | {:+.3f} | {:.3f} | {} | {} | {} | {:.1f} |".format(
+            m["iteration"], m.get("rollout/reward", float("nan")), m.get("rollout/kl", float("nan")),
+            _fmt(m.get("heldout/reward_accuracy")), _fmt(m.get("heldout/reward_gap")),
+            _fmt(m.get("golden/heldout_policy")), m.get("time/iteration", float("nan"))))
+    lines += ["", "## Time per phase (mean seconds per iteration)", ""]
+    for k in phases:
+        lines.append(f"- {k.removeprefix('time/')}: {sum(m.get(k, 0) for m in ms) / max(len(ms), 1):.1f}")
+    if final:
+        lines += ["", "## Final policy on held-out prompts", ""] + [f"- {k}: {v:.4f}" for k, v in sorted(final.items())]
+    atomic_write(rd.path / "report.md", "\n".join(lines) + "\n")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"

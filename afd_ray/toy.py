@@ -1,0 +1,91 @@
+"""A toy alignment task with an exactly computable golden reward, small enough for tests on 2 cores.
+
+Prompt x: BOS, four random digits, ":". Response y: eight digits, then EOS. The golden reward is the
+fraction of the eight response positions holding a digit of the same parity as the prompt's first digit:
+
+    r*(x, y) = (1/8) * sum_{t<8} [ y_t is a digit and y_t = x_1 (mod 2) ]
+
+The expert (the demonstrations) matches the parity with probability ``match_prob`` per position (0.9 by
+default, so E[r*] = 0.9); uniform digits score 0.5. A tiny Llama with the SmolLM2 tokenizer trained from
+scratch for a few SFT steps learns the format but only part of the parity rule, which leaves room for
+the reward model and the policy step to show what they add.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from afd_ray.data.tokenize import Encoded
+
+LENGTH = 8
+PROMPT_DIGITS = 4
+
+
+def digit_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    if len(set(ids)) != 10 or tokenizer.unk_token_id in ids:
+        raise ValueError("the toy task needs a tokenizer with one token per digit 0-9")
+    return ids
+
+
+def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.9) -> list[Encoded]:
+    """n expert demonstrations as token ids (no chat template: the toy model is trained from scratch)."""
+    digits = digit_ids(tokenizer)
+    sep = tokenizer.convert_tokens_to_ids(":")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        x = torch.randint(0, 10, (PROMPT_DIGITS,), generator=g).tolist()
+        parity = x[0] % 2
+        y = []
+        for _ in range(LENGTH):
+            match = bool(torch.rand((), generator=g) < match_prob)
+            pool = [d for d in range(10) if (d % 2 == parity) == match]
+            y.append(pool[int(torch.randint(0, len(pool), (), generator=g))])
+        prompt = [tokenizer.bos_token_id] + [digits[d] for d in x] + [sep]
+        out.append(Encoded(prompt, [digits[d] for d in y] + [tokenizer.eos_token_id], False, "toy", i))
+    return out
+
+
+def golden_reward(prompts: list[list[int]], responses: list[list[int]], tokenizer) -> list[float]:
+    """r*(x, y) for each pair, exactly (module docstring)."""
+    value = {tid: d for d, tid in enumerate(digit_ids(tokenizer))}
+    scores = []
+    for p, r in zip(prompts, responses):
+        parity = value[p[1]] % 2
+        hits = sum(1 for t in r[:LENGTH] if t in value and value[t] % 2 == parity)
+        scores.append(hits / LENGTH)
+    return scores
+
+
+def sft_from_scratch(out_dir, tokenizer_path, demos: list[Encoded], steps: int = 150, lr: float = 3e-3,
+                     batch_size: int = 64, seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
+    """Build a tiny random Llama and behaviour-clone ``demos`` for ``steps`` AdamW steps, in-process.
+
+    The toy's pi_SFT: deliberately short training, so it learns the format (eight digits, then EOS) and
+    only part of the parity rule. Returns the HF-format folder.
+    """
+    from pathlib import Path
+
+    from afd_ray.algo.losses import sft_loss
+    from afd_ray.algo.masked import token_logprobs
+    from afd_ray.data.tokenize import collate
+    from afd_ray.models.loading import load_policy, load_tokenizer, save_model
+    from afd_ray.models.tiny import build_tiny_llama
+
+    out = Path(out_dir)
+    init = build_tiny_llama(out / "init", tokenizer_path, hidden_size=hidden_size, num_layers=num_layers,
+                            num_heads=hidden_size // 32, seed=seed)
+    model = load_policy(str(init))
+    tokenizer = load_tokenizer(str(init))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(demos), (batch_size,), generator=g).tolist()
+        b = collate([demos[i].prompt_ids for i in idx], [demos[i].response_ids for i in idx], tokenizer.pad_token_id)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        loss = sft_loss(token_logprobs(logits, b.input_ids[:, 1:]), b.shifted_mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_model(model, tokenizer, out / "sft")

@@ -1,0 +1,93 @@
+"""Dataclasses that cross actor boundaries. Token ids travel as lists (ragged); batches as tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingSpec:
+    """How the rollout workers sample. n responses per prompt; seed makes a call repeatable."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    seed: int | None = None
+
+
+@dataclass
+class Samples:
+    """Rollouts of P prompts x n responses, prompt-major (sample j of prompt i at i * n + j).
+
+    prompt_ids: P lists of prompt token ids; response_ids: P*n lists of sampled token ids (ending with eos
+    unless cut at max_tokens); logprobs: P*n lists of log pi_old(y_t) as the sampler saw them;
+    prompt_index: P ints, the demonstration each prompt came from.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+    n: int
+    prompt_index: list[int] = field(default_factory=list)
+
+    def prompt_of(self, k: int) -> list[int]:
+        return self.prompt_ids[k // self.n]
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + response token sequences for scoring or log-probs (ragged; the receiver pads).
+
+    prompts[i], responses[i]: token ids of sequence i. The log-probs returned for it are over responses[i].
+    """
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def shard(self, rank: int, world_size: int) -> SequenceBatch:
+        return SequenceBatch(self.prompts[rank::world_size], self.responses[rank::world_size])
+
+
+@dataclass
+class PolicyBatch:
+    """One policy step's data. The learner is algorithm-blind: ``objective`` names the loss and the
+    fields it needs are set; credit assignment happened on the driver.
+
+    objective: "pg" (PPO clipped ratio on advantages; with one epoch on-policy it is REINFORCE),
+      "sft" (token NLL), "dpo" (pairs: sequences 2i and 2i+1 are chosen/rejected).
+    seqs: the sequences; advantages: (B,) sequence advantages for pg; old_logp / ref_logp: per sequence
+    lists of per-token log-probs (sampler's / reference's) over the response; kl_coef: KL-in-loss weight
+    (0 when the KL is folded into the reward); ref_seq_logp: (B,) reference sequence log-probs for dpo.
+    """
+
+    objective: str
+    seqs: SequenceBatch
+    advantages: torch.Tensor | None = None
+    old_logp: list[list[float]] | None = None
+    ref_logp: list[list[float]] | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    ref_seq_logp: torch.Tensor | None = None
+    beta: float = 0.1
+    clip_eps: float = 0.2
+    dual_clip: float | None = None
+
+
+@dataclass
+class PairBatch:
+    """Reward-model training pairs: chosen[i] should score above rejected[i] (pairwise) or, for the
+    discriminator loss, chosen are positives and rejected negatives. weight: (C,) per-pair weights
+    (AIHF mixes demo pairs and preference pairs with gamma / alpha)."""
+
+    chosen: SequenceBatch
+    rejected: SequenceBatch
+    weight: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.chosen)

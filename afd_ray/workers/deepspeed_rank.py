@@ -1,0 +1,180 @@
+"""The DeepSpeed rank shared by the policy learner and the reward learner (one Ray actor per rank).
+
+Each rank holds a DeepSpeed ZeRO-2/3 engine (gloo on CPU, NCCL on GPU) and takes its shard
+(``rank::world_size``) of every batch the driver hands the group. Losses are normalised by the *global*
+token (or pair) count, so the gradient DeepSpeed averages over ranks is exactly the single-process
+gradient of the whole batch (tests/test_learners.py checks this against ``afd_ray.algo``). Every rank runs
+the same number of micro-batches (short ranks run a zero-weight one) because ZeRO's collectives must match.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from afd_ray.algo.masked import token_logprobs
+from afd_ray.data.tokenize import TokenBatch, collate
+from afd_ray.types import SequenceBatch
+
+
+@dataclass
+class LearnerSpec:
+    """What one learner group trains; the same for every rank of the group."""
+
+    model_path: str
+    dtype: str = "float32"
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    micro_batch_size: int = 4
+    lora_r: int = 0
+    lora_alpha: int = 16
+    freeze_layers: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    pad_token_id: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _ds_config(spec: LearnerSpec, world_size: int) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "train_batch_size": spec.micro_batch_size * world_size,
+        "gradient_accumulation_steps": 1,  # accumulation boundaries are set per update (see _step)
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": {"stage": spec.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if spec.dtype == "bfloat16":
+        cfg["bf16"] = {"enabled": True}
+    elif spec.dtype == "float16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return cfg
+
+
+class DeepSpeedRank:
+    """One DeepSpeed rank: engine set-up, sharding, micro-batching, the optimizer step, checkpoints.
+    The role classes (``PolicyLearner``, ``RewardLearner``) add their verbs."""
+
+    KIND = "policy"  # which model the rank loads: "policy" (causal LM) or "reward" (backbone + scalar head)
+
+    def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0" if spec.device == "cpu"
+                          else os.environ.get("LOCAL_RANK", "0"), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port))
+        import deepspeed
+
+        from afd_ray.models.loading import LoraSpec, load_policy, load_reward_model
+
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        torch.manual_seed(spec.seed)
+        deepspeed.init_distributed(dist_backend="gloo" if spec.device == "cpu" else "nccl", auto_mpi_discovery=False)
+        lora = LoraSpec(r=spec.lora_r, alpha=spec.lora_alpha) if spec.lora_r else None
+        if self.KIND == "policy":
+            model = load_policy(spec.model_path, spec.dtype, lora)
+        else:
+            model = load_reward_model(spec.model_path, spec.dtype, lora, seed=spec.seed)
+        if spec.freeze_layers:
+            _freeze_lower(model, spec.freeze_layers)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(spec, world_size))
+        self.device = self.engine.device
+        self.steps = 0
+        self._sync_group = None
+
+    # ---- shared helpers -------------------------------------------------------------------------------------
+
+    def _all_reduce(self, values: list[float], op=None) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _micro_batches(self, n_local: int) -> list[range]:
+        """Index ranges of this rank's micro-batches, padded with empty ranges so all ranks run as many."""
+        import torch.distributed as dist
+
+        mb = self.spec.micro_batch_size
+        count = math.ceil(n_local / mb)
+        count = int(self._all_reduce([count], dist.ReduceOp.MAX)[0])
+        return [range(i * mb, min((i + 1) * mb, n_local)) for i in range(max(count, 1))]
+
+    def _batch(self, seqs: SequenceBatch, idx: range | list[int]) -> tuple[TokenBatch, bool]:
+        """Collate sequences ``idx``; an empty index list yields one dummy sequence (weight 0)."""
+        idx = list(idx)
+        empty = not idx
+        prompts = [seqs.prompts[i] for i in idx] or [seqs.prompts[0] if len(seqs) else [self.spec.pad_token_id]]
+        responses = [seqs.responses[i] for i in idx] or [seqs.responses[0] if len(seqs) else [self.spec.pad_token_id]]
+        b = collate(prompts, responses, self.spec.pad_token_id)
+        return TokenBatch(b.input_ids.to(self.device), b.attention_mask.to(self.device),
+                          b.response_mask.to(self.device)), empty
+
+    def _token_logp(self, b: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T-1) log pi of each next token and the response mask aligned with it."""
+        logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        return token_logprobs(logits, b.input_ids[:, 1:]), b.shifted_mask.float()
+
+    def _step(self, losses_fn, n_local: int) -> dict[str, float]:
+        """Forward/backward every micro-batch (``losses_fn(idx) -> (loss, stats)``), then one optimizer step."""
+        self.engine.train()
+        total, stats_sum = 0.0, {}
+        batches = self._micro_batches(n_local)
+        for k, idx in enumerate(batches):
+            self.engine.set_gradient_accumulation_boundary(k == len(batches) - 1)
+            loss, stats = losses_fn(idx)
+            self.engine.backward(loss)
+            total += float(loss.detach())
+            for key, v in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(v)
+        self.engine.step()
+        self.steps += 1
+        keys = sorted(stats_sum)
+        reduced = self._all_reduce([total] + [stats_sum[k] for k in keys])
+        # each rank's micro-batch losses are sum / (global count / world_size): the sum over ranks is
+        # world_size times the global mean
+        out = {"loss": reduced[0] / self.world_size, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+        out.update({k: v for k, v in zip(keys, reduced[1:])})
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+
+    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str | None = None) -> None:
+        """DeepSpeed state (weights, optimizer, RNG) into ``ckpt_dir`` on every rank; the HF-format model
+        into ``hf_dir`` from rank 0 (gathered under ZeRO-3)."""
+        import deepspeed
+
+        rng = {"torch": torch.get_rng_state(), "steps": self.steps}
+        self.engine.save_checkpoint(ckpt_dir, tag="state", client_state=rng)
+        if hf_dir is None:
+            return
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.spec.zero_stage == 3):
+            if self.rank == 0:
+                from afd_ray.models.loading import load_tokenizer, save_model
+
+                tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
+                save_model(module, tok, hf_dir)
+
+    def load(self, ckpt_dir: str) -> int:
+        _, client = self.engine.load_checkpoint(ckpt_dir, tag="state")
+        torch.set_rng_state(client["torch"])
+        self.steps = client["steps"]
+        return self.steps
+
+
+
+def _freeze_lower(model, n_layers: int) -> None:
+    """Freeze the embeddings and the lowest ``n_layers`` transformer blocks (a cheaper reward model)."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    backbone = getattr(base, base.base_model_prefix)
+    backbone.embed_tokens.requires_grad_(False)
+    for block in backbone.layers[:n_layers]:
+        block.requires_grad_(False)

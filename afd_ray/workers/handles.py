@@ -1,0 +1,129 @@
+"""The driver's collaborators backed by real actors: rollout pool, policy / reward groups, reference, sync.
+
+Each handle turns one driver call into one fan-out (data put in the object store once, ObjectRefs to
+every rank) and one ``ray.get``. Driver-logic tests pass fakes with the same methods instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import ray
+import torch
+
+from afd_ray.types import PairBatch, PolicyBatch, Samples, SamplingSpec, SequenceBatch
+from afd_ray.workers.group import ActorGroup, free_port, unshard
+
+
+class WeightSyncError(RuntimeError):
+    """vLLM's log-probs disagree with the learner's after a weight sync: the engines hold stale or wrong
+    weights, and sampling from them would silently train on the wrong policy."""
+
+
+class RolloutPool:
+    def __init__(self, group: ActorGroup):
+        self.group = group
+
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Samples:
+        """Split prompts over the engines (contiguous chunks, so the order is kept) and merge."""
+        k = len(self.group.actors)
+        chunks = [prompt_ids[i * len(prompt_ids) // k:(i + 1) * len(prompt_ids) // k] for i in range(k)]
+        refs = [a.generate.remote(c, SamplingSpec(**{**asdict(spec), "seed": None if spec.seed is None
+                                                     else spec.seed + 7919 * i}))
+                for i, (a, c) in enumerate(zip(self.group.actors, chunks)) if c]
+        parts = ray.get(refs)
+        return Samples(prompt_ids=[p for s in parts for p in s.prompt_ids],
+                       response_ids=[r for s in parts for r in s.response_ids],
+                       logprobs=[lp for s in parts for lp in s.logprobs], n=spec.n)
+
+    def prompt_logprobs(self, sequences: list[list[int]], start: list[int]) -> list[list[list[float]]]:
+        """Every engine's log-probs of the same sequences (for the sync check)."""
+        return ray.get(self.group.run("prompt_logprobs", sequences, start))
+
+
+class PolicyGroup:
+    def __init__(self, group: ActorGroup):
+        self.group = group
+
+    def update(self, batch: PolicyBatch) -> dict[str, float]:
+        return ray.get(self.group.run("update", ray.put(batch)))[0]
+
+    def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
+        return unshard(ray.get(self.group.run("logprobs", ray.put(seqs))))
+
+    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str) -> None:
+        ray.get(self.group.run("save", ckpt_dir, hf_dir, tokenizer_path))
+
+    def load(self, ckpt_dir: str) -> None:
+        ray.get(self.group.run("load", ckpt_dir))
+
+
+class RewardGroup:
+    def __init__(self, group: ActorGroup):
+        self.group = group
+
+    def score(self, seqs: SequenceBatch) -> torch.Tensor:
+        return torch.tensor(unshard(ray.get(self.group.run("score", ray.put(seqs)))), dtype=torch.float32)
+
+    def update(self, pairs: PairBatch, loss: str = "pairwise", margin: float = 0.0) -> dict[str, float]:
+        return ray.get(self.group.run("update", ray.put(pairs), loss, margin))[0]
+
+    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str) -> None:
+        ray.get(self.group.run("save", ckpt_dir, hf_dir, tokenizer_path))
+
+    def load(self, ckpt_dir: str) -> None:
+        ray.get(self.group.run("load", ckpt_dir))
+
+
+class Reference:
+    def __init__(self, group: ActorGroup):
+        self.group = group
+
+    def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
+        return ray.get(self.group.actors[0].logprobs.remote(seqs))
+
+
+class WeightSync:
+    """Learner rank 0 -> every vLLM engine, then the check: the engines' log-probs of a fixed probe batch
+    must match the learner's within ``tol`` (mean absolute difference per token), else WeightSyncError."""
+
+    def __init__(self, policy: ActorGroup, rollout: ActorGroup, probe: SequenceBatch, tol: float,
+                 backend: str = "gloo", bucket_bytes: int = 64 << 20):
+        self.policy, self.rollout, self.probe, self.tol = policy, rollout, probe, tol
+        tp = ray.get(rollout.actors[0].tensor_parallel_size.remote())
+        world = 1 + tp * len(rollout.actors)
+        addr, port = "127.0.0.1" if backend == "gloo" and _single_node() else ray.util.get_node_ip_address(), free_port()
+        refs = [a.init_weight_sync.remote(addr, port, 1 + i * tp, world, backend) for i, a in enumerate(rollout.actors)]
+        refs += policy.run("init_weight_sync", addr, port, world, backend)
+        ray.get(refs)
+        self.buckets = ray.get(policy.actors[0].weight_buckets.remote(bucket_bytes))
+        self.last_seconds = 0.0
+
+    def sync(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        ray.get(self.policy.run("broadcast_weights", self.buckets)
+                + self.rollout.run("receive_weights", self.buckets))
+        seconds = time.perf_counter() - t0
+        return {"sync_seconds": seconds, "sync_logprob_diff": self.check()}
+
+    def check(self) -> float:
+        """Mean |log pi_vllm - log pi_learner| over the probe responses, worst engine; raises above tol."""
+        seqs = [p + r for p, r in zip(self.probe.prompts, self.probe.responses)]
+        start = [len(p) for p in self.probe.prompts]
+        learner = unshard(ray.get(self.policy.run("logprobs", self.probe)))
+        worst = 0.0
+        for i, engine in enumerate(ray.get(self.rollout.run("prompt_logprobs", seqs, start))):
+            diffs = [abs(a - b) for e, lr in zip(engine, learner) for a, b in zip(e, lr)]
+            diff = sum(diffs) / max(len(diffs), 1)
+            worst = max(worst, diff)
+            if diff > self.tol:
+                raise WeightSyncError(
+                    f"weight sync check failed: rollout engine {i} disagrees with the policy learner by "
+                    f"{diff:.4f} nats/token on the probe batch (tolerance run.sync_check_tol={self.tol}). "
+                    "The engine holds stale or corrupted weights; stopping before it samples from them.")
+        return worst
+
+
+def _single_node() -> bool:
+    return len([n for n in ray.nodes() if n.get("Alive")]) == 1

@@ -1,0 +1,141 @@
+"""PolicyLearner: DeepSpeed ranks of pi_theta. Verbs: logprobs, update, weight_buckets, init_weight_sync,
+broadcast_weights, save, load. Algorithm-blind: the driver sends a PolicyBatch whose objective is "pg"
+(PPO clipped ratio on driver-computed advantages), "sft" or "dpo"."""
+
+from __future__ import annotations
+
+import torch
+
+from afd_ray.algo import losses
+from afd_ray.algo.kl import kl_per_token
+from afd_ray.algo.masked import masked_mean, masked_sum
+from afd_ray.types import PolicyBatch, SequenceBatch
+from afd_ray.workers.deepspeed_rank import DeepSpeedRank
+
+
+class PolicyLearner(DeepSpeedRank):
+    @torch.no_grad()
+    def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
+        """Per-token log pi over each response of this rank's shard (``rank::world_size``)."""
+        self.engine.eval()
+        mine = seqs.shard(self.rank, self.world_size)
+        out = []
+        for idx in self._micro_batches(len(mine)):
+            b, empty = self._batch(mine, idx)
+            logp, mask = self._token_logp(b)
+            if not empty:
+                out += [lp[m.bool()].tolist() for lp, m in zip(logp, mask)]
+        return out
+
+    # ---- policy update --------------------------------------------------------------------------------------
+
+    def update(self, batch: PolicyBatch) -> dict[str, float]:
+        """One optimizer step of ``batch.objective`` on this rank's shard."""
+        if batch.objective == "dpo":
+            return self._update_dpo(batch)
+        n = len(batch.seqs)
+        mine = list(range(self.rank, n, self.world_size))
+        seqs = SequenceBatch([batch.seqs.prompts[i] for i in mine], [batch.seqs.responses[i] for i in mine])
+        n_tokens = self._all_reduce([sum(len(r) for r in seqs.responses)])[0]
+        denom = n_tokens / self.world_size  # DeepSpeed averages over ranks: scale back to a global mean
+
+        def pad_rows(rows, idx, b):
+            t = torch.zeros(b.input_ids.shape[0], b.input_ids.shape[1] - 1, device=self.device)
+            for j, i in enumerate(idx):
+                L = len(rows[mine[i]])
+                start = int(b.shifted_mask[j].nonzero()[0]) if L else 0
+                t[j, start:start + L] = torch.tensor(rows[mine[i]], device=self.device)
+            return t
+
+        def micro(idx):
+            b, empty = self._batch(seqs, idx)
+            logp, mask = self._token_logp(b)
+            if empty:
+                mask = mask * 0
+            if batch.objective == "sft":
+                return losses.sft_loss(logp, mask, denom=denom), {}
+            adv = batch.advantages[[mine[i] for i in idx]].to(self.device) if not empty else torch.zeros(1)
+            old = pad_rows(batch.old_logp, idx, b) if batch.old_logp is not None else logp.detach()
+            loss, st = losses.ppo_clip_loss(logp, old, adv.view(-1, 1).expand_as(logp), mask, batch.clip_eps,
+                                            dual_clip=batch.dual_clip, denom=denom)
+            stats = {"clipfrac": float(st["clipfrac"]) * float(mask.sum()) / denom / self.world_size}
+            if batch.ref_logp is not None:
+                kl = kl_per_token(logp, pad_rows(batch.ref_logp, idx, b), batch.kl_estimator)
+                kl_term = masked_mean(kl, mask, denom=denom)
+                if batch.kl_coef:
+                    loss = loss + batch.kl_coef * kl_term
+                stats["kl"] = float(kl_term.detach()) / self.world_size
+            return loss, stats
+
+        return self._step(micro, len(seqs))
+
+    def _update_dpo(self, batch: PolicyBatch) -> dict[str, float]:
+        n_pairs = len(batch.seqs) // 2
+        mine = list(range(self.rank, n_pairs, self.world_size))
+        denom = n_pairs / self.world_size
+        rows = [k for i in mine for k in (2 * i, 2 * i + 1)]
+        seqs = SequenceBatch([batch.seqs.prompts[k] for k in rows], [batch.seqs.responses[k] for k in rows])
+        ref = batch.ref_seq_logp
+
+        def micro(idx):
+            pair_idx = list(idx)
+            b, empty = self._batch(seqs, [k for i in pair_idx for k in (2 * i, 2 * i + 1)] or [])
+            logp, mask = self._token_logp(b)
+            seq_logp = masked_sum(logp, mask)
+            if empty:
+                return seq_logp.sum() * 0, {}
+            r = torch.tensor([ref[rows[2 * i]] for i in pair_idx] + [ref[rows[2 * i + 1]] for i in pair_idx],
+                             device=self.device).view(2, -1)
+            loss, st = losses.dpo_loss(seq_logp[0::2], seq_logp[1::2], r[0], r[1], batch.beta, denom=denom)
+            return loss, {"accuracy": float(st["accuracy"]) * len(pair_idx) / n_pairs}
+
+        return self._step(micro, len(mine))
+
+    # ---- weight sync (policy rank 0 sends; all ranks gather under ZeRO-3) -----------------------------------
+
+    def _named_for_sync(self):
+        """(HF name, parameter) of the unwrapped policy, LoRA adapters merged in (names without peft prefix)."""
+        module = self.engine.module
+        if hasattr(module, "merge_adapter"):
+            prefix = "base_model.model."
+            return [(n.removeprefix(prefix).replace(".base_layer", ""), p) for n, p in module.named_parameters()
+                    if "lora_" not in n]
+        return list(module.named_parameters())
+
+    def weight_buckets(self, bucket_bytes: int = 64 << 20) -> list[list[dict]]:
+        from dataclasses import asdict
+
+        from afd_ray.workers.weight_sync import plan_buckets
+
+        named = [(n, getattr(p, "ds_shape", p.shape), p.dtype) for n, p in self._named_for_sync()]
+        return [[asdict(m) for m in b] for b in plan_buckets(named, bucket_bytes)]
+
+    def init_weight_sync(self, master_addr: str, port: int, world_size: int, backend: str = "gloo") -> None:
+        if self.rank == 0:
+            from afd_ray.workers.weight_sync import make_group
+
+            self._sync_group = make_group(master_addr, port, 0, world_size, backend)
+
+    @torch.no_grad()
+    def broadcast_weights(self, buckets: list[list[dict]]) -> int:
+        """Send every bucket (rank 0). Under ZeRO-3 every rank joins the gather of each bucket."""
+        import deepspeed
+
+        from afd_ray.workers.weight_sync import send_bucket
+
+        module = self.engine.module
+        merged = hasattr(module, "merge_adapter")
+        if merged:
+            module.merge_adapter()
+        params = dict(self._named_for_sync())
+        try:
+            for bucket in buckets:
+                tensors = [params[m["name"]] for m in bucket]
+                with deepspeed.zero.GatheredParameters(tensors, enabled=self.spec.zero_stage == 3):
+                    if self.rank == 0:
+                        send_bucket(self._sync_group, [t.data for t in tensors], self.device)
+        finally:
+            if merged:
+                module.unmerge_adapter()
+        return sum(len(b) for b in buckets)
+
