@@ -116,6 +116,9 @@ class PolicyConfig:
     """beta of the DPO loss for online_dpo."""
     epochs: int = 1
     """Passes over each iteration's rollouts."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch (the rollouts split by prompt). More than one step per iteration makes
+    the later steps off-policy: the ratio to the pre-update policy is then clipped (PPO-style)."""
     micro_batch_size: int = 4
     """Sequences per forward/backward on one learner rank."""
     grad_clip: float = 1.0
@@ -326,7 +329,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
     for key in ("rollout.num_workers", "rollout.tensor_parallel_size", "rollout.prompts_per_iteration",
-                "rollout.n", "rollout.max_new_tokens", "policy.epochs", "policy.micro_batch_size",
+                "rollout.n", "rollout.max_new_tokens", "policy.epochs", "policy.mini_batches", "policy.micro_batch_size",
                 "policy.world_size", "reward.epochs", "reward.micro_batch_size", "reward.world_size", "reward.batch_size",
                 "run.keep_checkpoints",
                 "run.iterations", "data.max_prompt_tokens", "data.max_response_tokens"):

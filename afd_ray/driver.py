@@ -89,13 +89,15 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
     with phase("reference"):
         ref_logp = c.reference.logprobs(seqs)
     with phase("policy"):  # Eq. 21b
-        old = c.policy.logprobs(seqs) if cfg.policy.algo == "ppo" else None
+        steps = cfg.policy.epochs * cfg.policy.mini_batches
+        old = c.policy.logprobs(seqs) if cfg.policy.algo == "ppo" or steps > 1 else None
         batch, credit = policy_batch(cfg.policy.algo, samples, reward, ref_logp, beta=cfg.policy.beta,
                                      kl_estimator=cfg.policy.kl_estimator, kl_in_reward=cfg.policy.kl_in_reward,
                                      clip_eps=cfg.policy.clip_eps, dual_clip=cfg.policy.dual_clip,
                                      dpo_beta=cfg.policy.dpo_beta, old_logp=old)
         for _ in range(cfg.policy.epochs):
-            stats = c.policy.update(batch)
+            for part in batch.split(cfg.policy.mini_batches):
+                stats = c.policy.update(part)
         m.update({f"policy/{k}": v for k, v in stats.items()})
         m.update({f"rollout/{k}": v for k, v in credit.items()})
     with phase("sync"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +78,25 @@ class PolicyBatch:
     beta: float = 0.1
     clip_eps: float = 0.2
     dual_clip: float | None = None
+
+    def split(self, parts: int) -> list[PolicyBatch]:
+        """``parts`` mini-batches of contiguous rows (whole DPO pairs; with prompt-major samples and
+        parts dividing the prompt count, whole prompt groups)."""
+        unit = 2 if self.objective == "dpo" else 1
+        n = len(self.seqs) // unit
+        out = []
+        for k in range(parts):
+            lo, hi = k * n // parts * unit, (k + 1) * n // parts * unit
+            if hi == lo:
+                continue
+            pick = list(range(lo, hi))
+            out.append(dataclasses.replace(
+                self, seqs=SequenceBatch(self.seqs.prompts[lo:hi], self.seqs.responses[lo:hi]),
+                advantages=None if self.advantages is None else self.advantages[pick],
+                old_logp=None if self.old_logp is None else self.old_logp[lo:hi],
+                ref_logp=None if self.ref_logp is None else self.ref_logp[lo:hi],
+                ref_seq_logp=None if self.ref_seq_logp is None else self.ref_seq_logp[pick]))
+        return out
 
 
 @dataclass

@@ -27,3 +27,25 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir):
     from afd_ray.models.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", smollm2_dir, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for the real-actor tests of one module (2 CPUs, no dashboard). Per module, so
+    the `ray start --head` test can stop its own head without taking a shared instance down with it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toy_sft(tmp_path_factory, smollm2_dir, tokenizer):
+    """The toy task's pi_SFT: a tiny Llama behaviour-cloned for 60 steps from scratch (~20 s)."""
+    from afd_ray import toy
+
+    demos = toy.make_demonstrations(tokenizer, 1024, seed=0)
+    return toy.sft_from_scratch(tmp_path_factory.mktemp("toy"), smollm2_dir, demos, steps=60, batch_size=32)

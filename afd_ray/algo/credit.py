@@ -37,7 +37,8 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
     rloo / grpo / reinforce / ppo: with ``kl_in_reward`` the sequence reward becomes
     r - beta * sum_t KL_t (Protocol 5); otherwise the learner adds beta * KL to the loss (Protocol 8).
     rloo: leave-one-out baseline; grpo and ppo: group-normalised advantages; reinforce: the shaped reward
-    itself. ppo clips the ratio against ``old_logp`` (learner log-probs before the update).
+    itself. With ``old_logp`` (learner log-probs before the update: ppo, or several optimizer steps per
+    iteration) the ratio to it is clipped; without, the step is on-policy and the ratio is exactly 1.
     online_dpo: best vs worst sample of each prompt by reward, DPO loss against pi_ref.
     """
     if algo not in ALGOS:
@@ -64,7 +65,7 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
         adv_B = grpo_advantages(signal_B, samples.n)
     else:
         adv_B = signal_B
-    batch = PolicyBatch("pg", seqs, advantages=adv_B, old_logp=old_logp if algo == "ppo" else None,
+    batch = PolicyBatch("pg", seqs, advantages=adv_B, old_logp=old_logp,
                         ref_logp=ref_logp, kl_coef=0.0 if kl_in_reward else beta,
                         kl_estimator="k3" if not kl_in_reward else kl_estimator, clip_eps=clip_eps,
                         dual_clip=dual_clip or None)

@@ -1,0 +1,115 @@
+"""Driver logic with named fakes (no Ray): pairs, replay window, credit assignment, phases, cursor."""
+
+import torch
+
+from afd_ray.algo.credit import policy_batch
+from afd_ray.config import load_config
+from afd_ray.data.tokenize import Encoded
+from afd_ray.driver import Collaborators, LoopState, irl_iteration
+from afd_ray.replay import DataCursor, PairReplay
+from afd_ray.types import Samples
+
+
+class FakeRollout:
+    """Answers prompt p with n responses [p[0], j] (j = sample index); log-probs -1 per token."""
+
+    def generate(self, prompt_ids, spec):
+        responses = [[p[0], j] for p in prompt_ids for j in range(spec.n)]
+        return Samples([list(p) for p in prompt_ids], responses, [[-1.0, -1.0] for _ in responses], spec.n)
+
+
+class FakeReward:
+    """Scores a response by its last token; records every pair batch it was trained on."""
+
+    def __init__(self):
+        self.batches = []
+
+    def update(self, pairs, loss, margin):
+        self.batches.append(pairs)
+        return {"loss": 0.5}
+
+    def score(self, seqs):
+        return torch.tensor([float(r[-1]) for r in seqs.responses])
+
+
+class FakeReference:
+    def logprobs(self, seqs):
+        return [[-1.5] * len(r) for r in seqs.responses]
+
+
+class FakePolicy:
+    def __init__(self):
+        self.batches = []
+
+    def update(self, batch):
+        self.batches.append(batch)
+        return {"loss": 0.1, "grad_norm": 1.0}
+
+    def logprobs(self, seqs):
+        return [[-1.0] * len(r) for r in seqs.responses]
+
+
+def demos(k=10):
+    return [Encoded([100 + i, 7], [50 + i, 2], False, "fake", i) for i in range(k)]
+
+
+def fakes():
+    return Collaborators(rollout=FakeRollout(), policy=FakePolicy(), reward=FakeReward(), reference=FakeReference(),
+                         sync=lambda: {"sync_seconds": 0.0}, golden=lambda p, r: [1.0] * len(r))
+
+
+def test_iteration_pairs_demo_against_own_samples_and_replays():
+    cfg = load_config("toy", ["model.policy=x", "rollout.prompts_per_iteration=3", "rollout.n=2",
+                              "reward.replay_window=2", "reward.batch_size=100"])
+    d, c = demos(), fakes()
+    state = LoopState(cursor=DataCursor(len(d), seed=0))
+    sizes = []
+    for t in (1, 2, 3):
+        m = irl_iteration(t, cfg, d, d[:2], c, state)
+        sizes.append(m["replay_pairs"])
+    assert sizes == [6.0, 12.0, 12.0]  # window of 2 iterations: the oldest drops out at t = 3
+    last = c.reward.batches[-1]
+    for prompt, chosen, rejected in zip(last.chosen.prompts, last.chosen.responses, last.rejected.responses):
+        demo = next(x for x in d if x.prompt_ids == prompt)
+        assert chosen == demo.response_ids and rejected[0] == prompt[0]  # demo y* vs the policy's own y'
+    assert state.iteration == 3 and len(state.replay.pairs) == 18
+    assert {"heldout/reward_accuracy", "heldout/reward_gap", "golden/heldout_policy", "time/rollout",
+            "time/policy", "time/sync", "policy/loss", "rollout/kl"} <= set(m)
+    assert m["heldout/reward_accuracy"] == 1.0  # fake rewards: demo's last token 2 > sample's last token 0
+
+
+def test_replay_window_all_and_newest():
+    r = PairReplay()
+    for t in (1, 2, 3):
+        r.add(t, [0], [[t]])
+    assert len(r.window(3, -1)) == 3 and [p[0] for p in r.window(3, 0)] == [3] and len(r.window(3, 2)) == 2
+
+
+def test_cursor_is_resumable_and_covers_each_epoch():
+    a = DataCursor(7, seed=3)
+    first = a.take(7)
+    assert sorted(first) == list(range(7))
+    b = DataCursor(7, seed=3, epoch=a.epoch, pos=a.pos)
+    assert a.take(5) == b.take(5)
+
+
+def samples(rewards_n=2):
+    return Samples([[1], [2]], [[10, 11], [12], [13, 14], [15]], [[-1.0, -1.0], [-2.0], [-1.0, -1.0], [-0.5]], rewards_n)
+
+
+def test_credit_rloo_folds_kl_into_reward():
+    ref = [[-1.5, -1.5], [-2.0], [-1.0, -1.0], [-0.5]]  # k1 sums: 1.0, 0.0, 0.0, 0.0
+    batch, stats = policy_batch("rloo", samples(), torch.tensor([1.0, 0.0, 2.0, 2.0]), ref, beta=0.5)
+    # shaped: [0.5, 0.0, 2.0, 2.0]; RLOO with n = 2: [0.5, -0.5, 0, 0]
+    assert batch.objective == "pg" and batch.advantages.tolist() == [0.5, -0.5, 0.0, 0.0]
+    assert stats["kl"] == 0.25 and batch.kl_coef == 0.0
+
+
+def test_credit_grpo_kl_in_loss_and_online_dpo_pairs():
+    ref = [[-1.0, -1.0], [-2.0], [-1.0, -1.0], [-0.5]]
+    batch, _ = policy_batch("grpo", samples(), torch.tensor([1.0, 0.0, 2.0, 2.0]), ref, beta=0.1, kl_in_reward=False)
+    assert batch.kl_coef == 0.1 and batch.kl_estimator == "k3" and batch.advantages[2:].tolist() == [0.0, 0.0]
+    batch, stats = policy_batch("online_dpo", samples(), torch.tensor([1.0, 3.0, 2.0, 2.0]), ref, beta=0.1)
+    # prompt 0: best = sample 1, worst = sample 0; prompt 1: tie -> no pair
+    assert batch.objective == "dpo" and batch.seqs.responses == [[12], [10, 11]] and stats["dpo_pairs"] == 1.0
+    assert batch.ref_seq_logp.tolist() == [-2.0, -2.0]

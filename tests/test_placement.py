@@ -1,0 +1,41 @@
+"""Placement is a pure function of the config."""
+
+import pytest
+
+from afd_ray.config import load_config
+from afd_ray.placement import plan
+
+
+def test_cpu_layout_packs_every_actor_on_small_cpu_shares():
+    p = plan(load_config("cpu", ["policy.world_size=2"]))
+    assert p.layout == "cpu" and p.gpus() == 0
+    assert {r: len(s) for r, s in p.roles.items()} == {"rollout": 1, "policy": 2, "reward": 1, "reference": 1}
+    assert sum(s.resources["CPU"] for slots in p.roles.values() for s in slots) <= 1.0
+
+
+def test_colocated_two_gpus_share_every_bundle():
+    p = plan(load_config("ultrachat-2gpu"))
+    assert p.layout == "colocate" and p.gpus() == 2 and list(p.groups) == ["colocated"]
+    for bundle in range(2):
+        share = sum(s.resources["GPU"] for slots in p.roles.values() for s in slots if s.bundle == bundle)
+        assert share <= 1.0 + 1e-9, f"GPU {bundle} oversubscribed: {share}"
+    assert [s.bundle for s in p.roles["policy"]] == [0, 1] and [s.bundle for s in p.roles["rollout"]] == [0, 1]
+
+
+def test_separate_groups_on_eight_gpus():
+    p = plan(load_config("ultrachat-8gpu"))
+    assert p.layout == "separate" and p.gpus() == 8
+    assert len(p.groups["policy"]) == 4 and len(p.groups["rollout"]) == 2 and len(p.groups["reward"]) == 2
+    ref = p.roles["reference"][0]
+    assert ref.group == "policy" and ref.resources["GPU"] + p.roles["policy"][0].resources["GPU"] <= 1.0
+
+
+def test_colocate_needs_matching_world_sizes():
+    cfg = load_config("ultrachat-2gpu", ["rollout.num_workers=1"])
+    with pytest.raises(ValueError, match="rollout.num_workers"):
+        plan(cfg)
+
+
+def test_tensor_parallel_engines_take_whole_gpus():
+    p = plan(load_config("ultrachat-8gpu", ["rollout.tensor_parallel_size=2"]))
+    assert all(b["GPU"] == 2 for b in p.groups["rollout"]) and p.gpus() == 10
