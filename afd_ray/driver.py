@@ -28,7 +28,7 @@ from afd_ray.types import SamplingSpec, SequenceBatch
 
 @dataclass
 class Collaborators:
-    rollout: Any  # generate(prompt_ids, SamplingSpec) -> Samples
+    rollout: Any  # generate(prompt_ids, SamplingSpec) -> Samples; sleep() (woken by sync)
     policy: Any  # update(PolicyBatch) -> stats; logprobs(SequenceBatch) -> per-token lists
     reward: Any  # update(PairBatch, loss, margin) -> stats; score(SequenceBatch) -> (B,) tensor
     reference: Any  # logprobs(SequenceBatch) -> per-token lists
@@ -73,6 +73,7 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
     with phase("rollout"):
         samples = c.rollout.generate([demos[i].prompt_ids for i in idx], sampling(cfg, t))
         probe = c.rollout.generate([d.prompt_ids for d in heldout], sampling(cfg, -t, n=1)) if heldout else None
+        c.rollout.sleep()  # colocated engines free the GPU for the learners (a no-op otherwise)
     seqs, n = sequences(samples), samples.n
     with phase("reward"):  # Eq. 21a over this iteration's pairs and the replay window
         state.replay.add(t, [idx[k // n] for k in range(len(seqs))], samples.response_ids)

@@ -158,7 +158,7 @@ class System:
             seed=cfg.run.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             device=cfg.run.device, omp_threads_bind=f"0-{cores - 1}" if cpu else "auto",
-            kv_cache_gb=cfg.rollout.kv_cache_gb)
+            kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate)
         common = dict(dtype=cfg.model.dtype, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
                       seed=cfg.run.seed, device=cfg.run.device, pad_token_id=pad)
         self.policy = ActorGroup(PolicyLearner, p, "policy", self.groups, LearnerSpec(
@@ -173,9 +173,10 @@ class System:
                                     dtype=cfg.model.dtype, micro_batch_size=cfg.policy.micro_batch_size,
                                     pad_token_id=pad, device=cfg.run.device)
         probe_batch = SequenceBatch([e.prompt_ids for e in probe], [e.response_ids for e in probe])
+        pool = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate)
         self.sync = handles.WeightSync(self.policy, self.rollout, probe_batch, cfg.run.sync_check_tol,
-                                       backend="gloo" if cpu else "nccl")
-        self.handles = dict(rollout=handles.RolloutPool(self.rollout), policy=handles.PolicyGroup(self.policy),
+                                       backend="gloo" if cpu else "nccl", pool=pool)
+        self.handles = dict(rollout=pool, policy=handles.PolicyGroup(self.policy),
                             reward=handles.RewardGroup(self.reward), reference=handles.Reference(self.reference))
 
     def collaborators(self, golden) -> Collaborators:

@@ -17,6 +17,9 @@ class FakeRollout:
         responses = [[p[0], j] for p in prompt_ids for j in range(spec.n)]
         return Samples([list(p) for p in prompt_ids], responses, [[-1.0, -1.0] for _ in responses], spec.n)
 
+    def sleep(self):
+        pass
+
 
 class FakeReward:
     """Scores a response by its last token; records every pair batch it was trained on."""

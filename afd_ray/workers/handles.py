@@ -22,8 +22,19 @@ class WeightSyncError(RuntimeError):
 
 
 class RolloutPool:
-    def __init__(self, group: ActorGroup):
-        self.group = group
+    """The engines behind one ``generate``. Colocated (``sleep_between=True``) they sleep after sampling,
+    so the learners have the GPU memory, and wake for the weight sync."""
+
+    def __init__(self, group: ActorGroup, sleep_between: bool = False):
+        self.group, self.sleep_between = group, sleep_between
+
+    def sleep(self) -> None:
+        if self.sleep_between:
+            ray.get(self.group.run("sleep"))
+
+    def wake_up(self) -> None:
+        if self.sleep_between:
+            ray.get(self.group.run("wake_up"))
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Samples:
         """Split prompts over the engines (contiguous chunks, so the order is kept) and merge."""
@@ -42,38 +53,33 @@ class RolloutPool:
         return ray.get(self.group.run("prompt_logprobs", sequences, start))
 
 
-class PolicyGroup:
+class _LearnerGroup:
+    """What both DeepSpeed groups share: checkpoints."""
+
     def __init__(self, group: ActorGroup):
         self.group = group
 
+    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str) -> None:
+        ray.get(self.group.run("save", ckpt_dir, hf_dir, tokenizer_path))
+
+    def load(self, ckpt_dir: str) -> None:
+        ray.get(self.group.run("load", ckpt_dir))
+
+
+class PolicyGroup(_LearnerGroup):
     def update(self, batch: PolicyBatch) -> dict[str, float]:
         return ray.get(self.group.run("update", ray.put(batch)))[0]
 
     def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
         return unshard(ray.get(self.group.run("logprobs", ray.put(seqs))))
 
-    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str) -> None:
-        ray.get(self.group.run("save", ckpt_dir, hf_dir, tokenizer_path))
 
-    def load(self, ckpt_dir: str) -> None:
-        ray.get(self.group.run("load", ckpt_dir))
-
-
-class RewardGroup:
-    def __init__(self, group: ActorGroup):
-        self.group = group
-
+class RewardGroup(_LearnerGroup):
     def score(self, seqs: SequenceBatch) -> torch.Tensor:
         return torch.tensor(unshard(ray.get(self.group.run("score", ray.put(seqs)))), dtype=torch.float32)
 
     def update(self, pairs: PairBatch, loss: str = "pairwise", margin: float = 0.0) -> dict[str, float]:
         return ray.get(self.group.run("update", ray.put(pairs), loss, margin))[0]
-
-    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str) -> None:
-        ray.get(self.group.run("save", ckpt_dir, hf_dir, tokenizer_path))
-
-    def load(self, ckpt_dir: str) -> None:
-        ray.get(self.group.run("load", ckpt_dir))
 
 
 class Reference:
@@ -89,8 +95,8 @@ class WeightSync:
     must match the learner's within ``tol`` (mean absolute difference per token), else WeightSyncError."""
 
     def __init__(self, policy: ActorGroup, rollout: ActorGroup, probe: SequenceBatch, tol: float,
-                 backend: str = "gloo", bucket_bytes: int = 64 << 20):
-        self.policy, self.rollout, self.probe, self.tol = policy, rollout, probe, tol
+                 backend: str = "gloo", bucket_bytes: int = 64 << 20, pool: RolloutPool | None = None):
+        self.policy, self.rollout, self.probe, self.tol, self.pool = policy, rollout, probe, tol, pool
         tp = ray.get(rollout.actors[0].tensor_parallel_size.remote())
         world = 1 + tp * len(rollout.actors)
         addr, port = "127.0.0.1" if backend == "gloo" and _single_node() else ray.util.get_node_ip_address(), free_port()
@@ -101,6 +107,8 @@ class WeightSync:
         self.last_seconds = 0.0
 
     def sync(self) -> dict[str, float]:
+        if self.pool is not None:
+            self.pool.wake_up()
         t0 = time.perf_counter()
         ray.get(self.policy.run("broadcast_weights", self.buckets)
                 + self.rollout.run("receive_weights", self.buckets))

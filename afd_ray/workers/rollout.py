@@ -15,7 +15,8 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
                  gpu_memory_utilization: float = 0.15, enforce_eager: bool = True, tensor_parallel_size: int = 1,
-                 device: str = "cpu", omp_threads_bind: str = "auto", kv_cache_gb: float = 0.0):
+                 device: str = "cpu", omp_threads_bind: str = "auto", kv_cache_gb: float = 0.0,
+                 sleep_mode: bool = False):
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", omp_threads_bind)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -28,7 +29,7 @@ class RolloutWorker:
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                        tensor_parallel_size=tensor_parallel_size, worker_extension_cls=EXTENSION,
-                       enable_prefix_caching=False,
+                       enable_prefix_caching=False, enable_sleep_mode=sleep_mode,
                        kv_cache_memory_bytes=int(kv_cache_gb * (1 << 30)) if kv_cache_gb else None)
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Samples:
@@ -56,6 +57,13 @@ class RolloutWorker:
         for out, seq, s in zip(outs, sequences, start):
             result.append([out.prompt_logprobs[t][seq[t]].logprob for t in range(s, len(seq))])
         return result
+
+    def sleep(self) -> None:
+        """Colocated on a GPU with the learners: free the KV cache and offload the weights while they train."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
 
     def tensor_parallel_size(self) -> int:
         return self.tp
