@@ -114,6 +114,9 @@ class PolicyConfig:
     """PPO dual-clip constant c > 1 for negative advantages; 0 disables."""
     dpo_beta: float = 0.1
     """beta of the DPO loss for online_dpo."""
+    rpo_alpha: float = 0.0
+    """online_dpo: weight of the chosen responses' per-token NLL added to the DPO loss (RPO, as TRL's
+    rpo_alpha); it keeps DPO from lowering both responses' likelihood. 0 = plain DPO."""
     epochs: int = 1
     """Passes over each iteration's rollouts."""
     mini_batches: int = 1

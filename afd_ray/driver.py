@@ -95,7 +95,8 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
         batch, credit = policy_batch(cfg.policy.algo, samples, reward, ref_logp, beta=cfg.policy.beta,
                                      kl_estimator=cfg.policy.kl_estimator, kl_in_reward=cfg.policy.kl_in_reward,
                                      clip_eps=cfg.policy.clip_eps, dual_clip=cfg.policy.dual_clip,
-                                     dpo_beta=cfg.policy.dpo_beta, old_logp=old)
+                                     dpo_beta=cfg.policy.dpo_beta, rpo_alpha=cfg.policy.rpo_alpha,
+                                     old_logp=old)
         for _ in range(cfg.policy.epochs):
             for part in batch.split(cfg.policy.mini_batches):
                 stats = c.policy.update(part)

@@ -314,3 +314,34 @@ def test_best_of_n_streamed_equals_whole():
         state.update(chunk)
     assert state.index_P.tolist() == best_of_n(r).tolist() and state.seen == 12
     assert torch.equal(state.reward_P, r.max(1).values)
+
+
+def test_bradley_terry_gradient_and_stability():
+    w, l = t(0.0, grad=True), t(1.0, grad=True)
+    bradley_terry_loss(w, l, p_chosen_B=t(0.9)).backward()
+    assert w.grad.item() < 0 < l.grad.item()  # descent raises the preferred response's reward
+    big = bradley_terry_loss(t(-100.0), t(100.0), p_chosen_B=t(0.5))
+    assert torch.isfinite(big) and big.item() == pytest.approx(100.0 + math.log(2) - math.log(2), rel=1e-3)
+
+
+def test_group_advantages_rank_by_reward_and_carry_no_gradient():
+    r = t(0.0, 1.0, 5.0, 2.0, grad=True)
+    for adv in (rloo_advantages(r, 4), grpo_advantages(r, 4)):
+        assert not adv.requires_grad  # a baseline is a fixed target, not something to differentiate
+        assert adv.argsort().tolist() == [0, 1, 3, 2]  # higher reward, higher advantage
+    assert kl_shaped_reward(t(1.0, grad=True), torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), 0.1).requires_grad is False
+
+
+def test_global_denominator_makes_shards_sum_to_the_full_loss():
+    """Data-parallel ranks pass the global count: the shard losses then add up to the full-batch loss."""
+    g = torch.Generator().manual_seed(0)
+    logp, mask, adv = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) > 0.3).float(), torch.randn(6, generator=g)
+    full, _ = ppo_clip_loss(logp, logp, adv[:, None].expand(6, 5), mask)
+    n = mask.sum()
+    shards = sum(ppo_clip_loss(logp[i::2], logp[i::2], adv[i::2, None].expand(3, 5), mask[i::2], denom=n)[0]
+                 for i in range(2))
+    assert shards.item() == pytest.approx(full.item(), rel=1e-6)
+    full_dpo, _ = dpo_loss(logp[:, 0], logp[:, 1], logp[:, 2], logp[:, 3], beta=0.5)
+    parts = sum(dpo_loss(logp[i::3, 0], logp[i::3, 1], logp[i::3, 2], logp[i::3, 3], beta=0.5, denom=6)[0]
+                for i in range(3))
+    assert parts.item() == pytest.approx(full_dpo.item(), rel=1e-6)

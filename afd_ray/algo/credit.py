@@ -30,7 +30,7 @@ def sequences(samples: Samples) -> SequenceBatch:
 
 def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: list[list[float]], *, beta: float,
                  kl_estimator: str = "k1", kl_in_reward: bool = True, clip_eps: float = 0.2,
-                 dual_clip: float = 0.0, dpo_beta: float = 0.1, old_logp: list[list[float]] | None = None
+                 dual_clip: float = 0.0, dpo_beta: float = 0.1, rpo_alpha: float = 0.0, old_logp: list[list[float]] | None = None
                  ) -> tuple[PolicyBatch, dict[str, float]]:
     """Credit assignment for ``algo``. Returns the batch and the statistics it was built from.
 
@@ -56,7 +56,7 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
         ref_seq = torch.tensor([sum(ref_logp[k]) for k in order])
         stats["dpo_pairs"] = float(len(keep))
         batch = PolicyBatch("dpo", SequenceBatch([seqs.prompts[k] for k in order], [seqs.responses[k] for k in order]),
-                            ref_seq_logp=ref_seq, beta=dpo_beta)
+                            ref_seq_logp=ref_seq, beta=dpo_beta, nll_coef=rpo_alpha)
         return batch, stats
     signal_B = shaped_B if kl_in_reward else reward_B.float()
     if algo == "rloo":

@@ -137,6 +137,7 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
     try:
         # merge_and_unload strips the adapters in place, so merge a copy and keep training the original.
         to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model

@@ -8,7 +8,7 @@ import torch
 
 from afd_ray.algo import losses
 from afd_ray.algo.kl import kl_per_token
-from afd_ray.algo.masked import masked_mean, masked_sum
+from afd_ray.algo.masked import batch_mean, masked_mean, masked_sum
 from afd_ray.types import PolicyBatch, SequenceBatch
 from afd_ray.workers.deepspeed_rank import DeepSpeedRank
 
@@ -87,6 +87,9 @@ class PolicyLearner(DeepSpeedRank):
             r = torch.tensor([ref[rows[2 * i]] for i in pair_idx] + [ref[rows[2 * i + 1]] for i in pair_idx],
                              device=self.device).view(2, -1)
             loss, st = losses.dpo_loss(seq_logp[0::2], seq_logp[1::2], r[0], r[1], batch.beta, denom=denom)
+            if batch.nll_coef:  # RPO: keep the chosen responses likely while the margin grows
+                nll_B = -seq_logp[0::2] / mask[0::2].sum(1).clamp(min=1)
+                loss = loss + batch.nll_coef * batch_mean(nll_B, denom)
             return loss, {"accuracy": float(st["accuracy"]) * len(pair_idx) / n_pairs}
 
         return self._step(micro, len(mine))
