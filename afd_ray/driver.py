@@ -80,6 +80,7 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
         window = state.replay.window(t, cfg.reward.replay_window)
         m["replay_pairs"] = float(len(window))
         order = torch.randperm(len(window), generator=torch.Generator().manual_seed(cfg.run.seed + t)).tolist()
+        stats = {}
         for _ in range(cfg.reward.epochs):
             for s in range(0, len(order), cfg.reward.batch_size):
                 chunk = [window[i] for i in order[s:s + cfg.reward.batch_size]]
@@ -97,6 +98,7 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
                                      clip_eps=cfg.policy.clip_eps, dual_clip=cfg.policy.dual_clip,
                                      dpo_beta=cfg.policy.dpo_beta, rpo_alpha=cfg.policy.rpo_alpha,
                                      old_logp=old)
+        stats = {}  # stays empty when there is nothing to learn from (online_dpo: every group tied)
         for _ in range(cfg.policy.epochs):
             for part in batch.split(cfg.policy.mini_batches):
                 stats = c.policy.update(part)

@@ -144,6 +144,14 @@ class DeepSpeedRank:
         out.update({k: v for k, v in zip(keys, reduced[1:])})
         return out
 
+    def rendezvous(self) -> tuple[str, int]:
+        """This rank's node IP and a free port on it (rank 0 hosts the weight-sync store)."""
+        import ray
+
+        from afd_ray.workers.group import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
     def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str | None = None) -> None:

@@ -16,7 +16,7 @@ from afd_ray.placement import Plan
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # free on every interface: other nodes connect to it
         return s.getsockname()[1]
 
 

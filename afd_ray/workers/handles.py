@@ -13,7 +13,7 @@ import ray
 import torch
 
 from afd_ray.types import PairBatch, PolicyBatch, Samples, SamplingSpec, SequenceBatch
-from afd_ray.workers.group import ActorGroup, free_port, unshard
+from afd_ray.workers.group import ActorGroup, unshard
 
 
 class WeightSyncError(RuntimeError):
@@ -99,7 +99,7 @@ class WeightSync:
         self.policy, self.rollout, self.probe, self.tol, self.pool = policy, rollout, probe, tol, pool
         tp = ray.get(rollout.actors[0].tensor_parallel_size.remote())
         world = 1 + tp * len(rollout.actors)
-        addr, port = "127.0.0.1" if backend == "gloo" and _single_node() else ray.util.get_node_ip_address(), free_port()
+        addr, port = ray.get(policy.actors[0].rendezvous.remote())  # the store lives with learner rank 0
         refs = [a.init_weight_sync.remote(addr, port, 1 + i * tp, world, backend) for i, a in enumerate(rollout.actors)]
         refs += policy.run("init_weight_sync", addr, port, world, backend)
         ray.get(refs)
@@ -131,7 +131,3 @@ class WeightSync:
                     f"{diff:.4f} nats/token on the probe batch (tolerance run.sync_check_tol={self.tol}). "
                     "The engine holds stale or corrupted weights; stopping before it samples from them.")
         return worst
-
-
-def _single_node() -> bool:
-    return len([n for n in ray.nodes() if n.get("Alive")]) == 1
