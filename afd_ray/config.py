@@ -146,6 +146,9 @@ class RewardConfig:
     """Passes over the pair buffer per reward step."""
     batch_size: int = 32
     """Pairs per optimizer step of the reward model (the replay window is walked in such batches)."""
+    warmup_iterations: int = 0
+    """First iterations that train only the reward model (no policy step, no sync): the policy then starts
+    from a reward model that already tells its samples from demonstrations."""
     micro_batch_size: int = 4
     """Pairs per forward/backward on one rank."""
     grad_clip: float = 1.0
@@ -352,6 +355,8 @@ def validate(cfg: Config) -> None:
     need(cfg.reward.replay_window >= -1, f"reward.replay_window must be -1 (all), 0 or more, got "
                                          f"{cfg.reward.replay_window}")
     need(cfg.data.heldout >= 0 and cfg.data.limit >= 0, "data.heldout and data.limit must be >= 0")
+    need(0 <= cfg.reward.warmup_iterations < cfg.run.iterations,
+         f"reward.warmup_iterations must be in [0, run.iterations), got {cfg.reward.warmup_iterations}")
     need(cfg.rollout.kv_cache_gb >= 0, f"rollout.kv_cache_gb must be >= 0, got {cfg.rollout.kv_cache_gb}")
     need(cfg.run.stop_after >= 0, f"run.stop_after must be >= 0, got {cfg.run.stop_after}")
     need(not cfg.run.golden_reward or ":" in cfg.run.golden_reward,

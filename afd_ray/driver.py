@@ -86,6 +86,23 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
                 chunk = [window[i] for i in order[s:s + cfg.reward.batch_size]]
                 stats = c.reward.update(PairReplay.batch(chunk, demos), cfg.reward.loss, cfg.reward.margin)
         m.update({f"reward/{k}": v for k, v in stats.items()})
+    if t > cfg.reward.warmup_iterations:
+        m.update(policy_step(cfg, samples, seqs, c, phase))
+    with phase("diagnostics"):
+        m["rollout/response_length"] = sum(map(len, samples.response_ids)) / len(samples.response_ids)
+        if c.golden is not None:
+            m["golden/train_samples"] = _mean(c.golden(seqs.prompts, seqs.responses))
+        if probe is not None:
+            m.update(heldout_diagnostics(heldout, probe.response_ids, c))
+    m.update(phase.seconds)
+    m["time/iteration"] = sum(phase.seconds.values())
+    state.iteration = t
+    return m
+
+
+def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, phase: Phases) -> dict[str, float]:
+    """Score with r_phi_{t+1}, get log pi_ref, take the KL-regularised policy step (Eq. 21b), sync."""
+    m: dict[str, float] = {}
     with phase("score"):
         reward = c.reward.score(seqs)
     with phase("reference"):
@@ -106,15 +123,6 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
         m.update({f"rollout/{k}": v for k, v in credit.items()})
     with phase("sync"):
         m.update({f"sync/{k}": v for k, v in c.sync().items()})
-    with phase("diagnostics"):
-        m["rollout/response_length"] = sum(map(len, samples.response_ids)) / len(samples.response_ids)
-        if c.golden is not None:
-            m["golden/train_samples"] = _mean(c.golden(seqs.prompts, seqs.responses))
-        if probe is not None:
-            m.update(heldout_diagnostics(heldout, probe.response_ids, c))
-    m.update(phase.seconds)
-    m["time/iteration"] = sum(phase.seconds.values())
-    state.iteration = t
     return m
 
 

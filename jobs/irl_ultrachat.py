@@ -3,7 +3,7 @@
     python jobs/irl_ultrachat.py --config cpu                          # the embedded default, 2 CPU cores
     python jobs/irl_ultrachat.py --config ultrachat-8gpu policy.lr=5e-7
     python jobs/irl_ultrachat.py --resume runs/irl-20261126-101500     # continue after the last checkpoint
-    ray job submit --working-dir . -- python jobs/irl_ultrachat.py --config cpu
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/irl_ultrachat.py --config cpu
 """
 
 import argparse

@@ -116,3 +116,16 @@ def test_credit_grpo_kl_in_loss_and_online_dpo_pairs():
     # prompt 0: best = sample 1, worst = sample 0; prompt 1: tie -> no pair
     assert batch.objective == "dpo" and batch.seqs.responses == [[12], [10, 11]] and stats["dpo_pairs"] == 1.0
     assert batch.ref_seq_logp.tolist() == [-2.0, -2.0]
+
+
+def test_reward_warmup_skips_the_policy_step_and_sync():
+    cfg = load_config("toy", ["model.policy=x", "rollout.prompts_per_iteration=2", "rollout.n=2",
+                              "reward.warmup_iterations=1"])
+    d, c = demos(), fakes()
+    syncs = []
+    c.sync = lambda: syncs.append(1) or {"sync_seconds": 0.0}
+    state = LoopState(cursor=DataCursor(len(d), seed=0))
+    m1 = irl_iteration(1, cfg, d, d[:2], c, state)
+    assert not c.policy.batches and not syncs and "policy/loss" not in m1 and len(c.reward.batches) == 1
+    irl_iteration(2, cfg, d, d[:2], c, state)
+    assert len(c.policy.batches) == cfg.policy.mini_batches and syncs == [1]
