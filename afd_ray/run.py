@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from afd_ray.config import Config, load_config
+from afd_ray.config import Config, ConfigError, load_config
 from afd_ray.data.tokenize import Encoded, TruncationRules, encode_demonstrations
 from afd_ray.driver import Collaborators, LoopState, evaluate_policy, irl_iteration
 from afd_ray.replay import DataCursor, PairReplay
@@ -212,6 +212,9 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         if cfg is not None:  # allow a longer schedule or a different stop point on resume
             saved.run.iterations, saved.run.stop_after = cfg.run.iterations, cfg.run.stop_after
         cfg = saved
+    elif cfg.run.method != "irl":
+        raise ConfigError(f"run.method={cfg.run.method!r} is not available in this version; run.method=irl runs "
+                          "the bi-level IRL loop")
     else:
         rd = RunDir.create(cfg)
     initial = resolve_model_path(cfg.model.policy)

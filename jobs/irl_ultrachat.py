@@ -34,7 +34,11 @@ def main(argv=None) -> int:
         return 2
     from afd_ray.run import run
 
-    run(cfg, resume=args.resume)
+    try:
+        run(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,6 +19,12 @@ def test_bad_override_exits_2_with_the_key():
     assert out.returncode == 2 and "policy.algo='ppo2' is not allowed" in out.stderr
 
 
+def test_methods_not_built_yet_say_so():
+    out = subprocess.run([sys.executable, str(JOB), "--config", "cpu", "run.method=sft"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "run.method='sft' is not available in this version" in out.stderr
+
+
 def test_help_config_lists_keys():
     out = subprocess.run([sys.executable, str(JOB), "--help-config"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "policy.beta" in out.stdout and "rollout.kv_cache_gb" in out.stdout

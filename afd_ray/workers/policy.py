@@ -54,7 +54,7 @@ class PolicyLearner(DeepSpeedRank):
                 mask = mask * 0
             if batch.objective == "sft":
                 return losses.sft_loss(logp, mask, denom=denom), {}
-            adv = batch.advantages[[mine[i] for i in idx]].to(self.device) if not empty else torch.zeros(1)
+            adv = (batch.advantages[[mine[i] for i in idx]] if not empty else torch.zeros(1)).to(self.device)
             old = pad_rows(batch.old_logp, idx, b) if batch.old_logp is not None else logp.detach()
             loss, st = losses.ppo_clip_loss(logp, old, adv.view(-1, 1).expand_as(logp), mask, batch.clip_eps,
                                             dual_clip=batch.dual_clip, denom=denom)
