@@ -114,6 +114,8 @@ class PolicyConfig:
     """PPO dual-clip constant c > 1 for negative advantages; 0 disables."""
     dpo_beta: float = 0.1
     """beta of the DPO loss for online_dpo."""
+    dpo_min_gap: float = 0.0
+    """online_dpo: skip prompts whose best and worst sample differ by at most this reward (ambiguous pairs)."""
     rpo_alpha: float = 0.0
     """online_dpo: weight of the chosen responses' per-token NLL added to the DPO loss (RPO, as TRL's
     rpo_alpha); it keeps DPO from lowering both responses' likelihood. 0 = plain DPO."""

@@ -113,7 +113,8 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
         batch, credit = policy_batch(cfg.policy.algo, samples, reward, ref_logp, beta=cfg.policy.beta,
                                      kl_estimator=cfg.policy.kl_estimator, kl_in_reward=cfg.policy.kl_in_reward,
                                      clip_eps=cfg.policy.clip_eps, dual_clip=cfg.policy.dual_clip,
-                                     dpo_beta=cfg.policy.dpo_beta, rpo_alpha=cfg.policy.rpo_alpha,
+                                     dpo_beta=cfg.policy.dpo_beta, dpo_min_gap=cfg.policy.dpo_min_gap,
+                                     rpo_alpha=cfg.policy.rpo_alpha,
                                      old_logp=old)
         stats = {}  # stays empty when there is nothing to learn from (online_dpo: every group tied)
         for _ in range(cfg.policy.epochs):

@@ -30,7 +30,7 @@ def sequences(samples: Samples) -> SequenceBatch:
 
 def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: list[list[float]], *, beta: float,
                  kl_estimator: str = "k1", kl_in_reward: bool = True, clip_eps: float = 0.2,
-                 dual_clip: float = 0.0, dpo_beta: float = 0.1, rpo_alpha: float = 0.0, old_logp: list[list[float]] | None = None
+                 dual_clip: float = 0.0, dpo_beta: float = 0.1, dpo_min_gap: float = 0.0, rpo_alpha: float = 0.0, old_logp: list[list[float]] | None = None
                  ) -> tuple[PolicyBatch, dict[str, float]]:
     """Credit assignment for ``algo``. Returns the batch and the statistics it was built from.
 
@@ -50,7 +50,7 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
     stats = {"reward": float(reward_B.mean()), "shaped_reward": float(shaped_B.mean()),
              "kl": float(((logp_BT - ref_BT) * mask_BT).sum(1).mean())}
     if algo == "online_dpo":
-        sel = select_online_dpo_pairs(reward_B, samples.n)
+        sel = select_online_dpo_pairs(reward_B, samples.n, min_gap=dpo_min_gap)
         keep = [(int(c), int(r)) for c, r, v in zip(sel.chosen_P, sel.rejected_P, sel.valid_P) if v]
         order = [k for pair in keep for k in pair]
         ref_seq = torch.tensor([sum(ref_logp[k]) for k in order])
