@@ -88,6 +88,7 @@ class DeepSpeedRank:
         self.device = self.engine.device
         self.steps = 0
         self._sync_group = None
+        self._tokenizers: dict[str, object] = {}
 
     # ---- shared helpers -------------------------------------------------------------------------------------
 
@@ -168,8 +169,9 @@ class DeepSpeedRank:
             if self.rank == 0:
                 from afd_ray.models.loading import load_tokenizer, save_model
 
-                tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
-                save_model(module, tok, hf_dir)
+                if tokenizer_path and tokenizer_path not in self._tokenizers:  # read once, saved every iteration
+                    self._tokenizers[tokenizer_path] = load_tokenizer(tokenizer_path)
+                save_model(module, self._tokenizers.get(tokenizer_path), hf_dir)
 
     def load(self, ckpt_dir: str) -> int:
         _, client = self.engine.load_checkpoint(ckpt_dir, tag="state")
