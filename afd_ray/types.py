@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,15 +24,13 @@ class Samples:
     """Rollouts of P prompts x n responses, prompt-major (sample j of prompt i at i * n + j).
 
     prompt_ids: P lists of prompt token ids; response_ids: P*n lists of sampled token ids (ending with eos
-    unless cut at max_tokens); logprobs: P*n lists of log pi_old(y_t) as the sampler saw them;
-    prompt_index: P ints, the demonstration each prompt came from.
+    unless cut at max_tokens); logprobs: P*n lists of log pi_old(y_t) as the sampler saw them.
     """
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     logprobs: list[list[float]]
     n: int
-    prompt_index: list[int] = field(default_factory=list)
 
     def prompt_of(self, k: int) -> list[int]:
         return self.prompt_ids[k // self.n]

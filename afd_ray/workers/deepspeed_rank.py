@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +37,6 @@ class LearnerSpec:
     seed: int = 0
     device: str = "cpu"
     pad_token_id: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _ds_config(spec: LearnerSpec, world_size: int) -> dict:

@@ -48,10 +48,6 @@ class RolloutPool:
                        response_ids=[r for s in parts for r in s.response_ids],
                        logprobs=[lp for s in parts for lp in s.logprobs], n=spec.n)
 
-    def prompt_logprobs(self, sequences: list[list[int]], start: list[int]) -> list[list[list[float]]]:
-        """Every engine's log-probs of the same sequences (for the sync check)."""
-        return ray.get(self.group.run("prompt_logprobs", sequences, start))
-
 
 class _LearnerGroup:
     """What both DeepSpeed groups share: checkpoints."""

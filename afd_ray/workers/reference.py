@@ -11,11 +11,9 @@ from afd_ray.types import SequenceBatch
 
 class ReferenceServer:
     def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 8, pad_token_id: int = 0,
-                 device: str = "cpu", num_threads: int = 0):
+                 device: str = "cpu"):
         from afd_ray.models.loading import load_reference
 
-        if num_threads:
-            torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if device == "gpu" else "cpu")
         self.model = load_reference(model_path, dtype).to(self.device)
         self.micro_batch_size, self.pad_token_id = micro_batch_size, pad_token_id
