@@ -36,6 +36,9 @@ class ModelConfig:
     """Reference policy pi_ref for the KL leash; empty = the initial policy."""
     reward: str = ""
     """Backbone of the reward model r_phi (a causal LM or a saved reward model); empty = the initial policy."""
+    sft: str = ""
+    """pi_SFT for the recipes that start from it (inverse_rlignment, spin, dpo, ipo): an HF path; empty =
+    train it first with the `sft` section (a Ray Train job) from model.policy."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype of learners and rollout engines."""
     lora_r: int = 0
@@ -157,6 +160,10 @@ class RewardConfig:
     """Global gradient-norm clip; 0 disables."""
     freeze_layers: int = 0
     """Freeze the embeddings and this many lowest transformer blocks (cheaper on CPU)."""
+    demo_weight: float = 1.0
+    """aihf: weight gamma of the demonstration-vs-sample pairs in the reward step (seeds/002 Eq. 24a)."""
+    preference_weight: float = 1.0
+    """aihf: weight alpha of the preference pairs in the reward step (seeds/002 Eq. 24a)."""
     world_size: int = 1
     """DeepSpeed ranks of the reward learner group."""
     zero_stage: Literal[2, 3] = 2
@@ -164,9 +171,87 @@ class RewardConfig:
 
 
 @dataclass
+class SFTConfig:
+    epochs: int = 1
+    """Passes over the training demonstrations."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 = run all epochs."""
+    batch_size: int = 32
+    """Sequences per optimizer step (all workers together)."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one worker."""
+    lr: float = 2e-5
+    """AdamW learning rate (constant after warm-up)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    num_workers: int = 1
+    """Ray Train workers (DeepSpeed data-parallel ranks)."""
+    zero_stage: Literal[2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    packing: bool = False
+    """Pack several demonstrations into one row of micro_batch_size * (max_prompt + max_response) tokens;
+    attention and positions stay within each demonstration."""
+    checkpoint_every: int = 50
+    """Report a Ray Train checkpoint every this many steps (and at the end)."""
+    max_failures: int = 1
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+
+
+@dataclass
+class BestOfNConfig:
+    data_choice: Literal["init_sft", "init_demo", "sft_demo"] = "init_sft"
+    """Discriminator data (seeds/000 Table 1): init_sft = pi_SFT samples (positive) vs pi_init samples
+    (negative); init_demo = demonstrations vs pi_init samples; sft_demo = demonstrations vs pi_SFT samples."""
+    rm_prompts: int = 0
+    """Training prompts sampled for the discriminator data; 0 = every training demonstration."""
+    rm_epochs: int = 1
+    """Passes of the discriminator over its data."""
+    n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """The Ns of the Best-of-N curve (one pool of max(n) samples per prompt gives every N)."""
+    prompts: int = 0
+    """Evaluation prompts (from the held-out demonstrations); 0 = all of them."""
+    prompt_batch: int = 64
+    """Prompts generated and scored together (bounds memory with the sample chunk)."""
+    sample_chunk: int = 16
+    """Samples per prompt per generate call; only the running best of each prompt is kept between chunks."""
+    rl_iterations: int = 0
+    """Optional RL on the learned reward afterwards: this many policy steps (policy section) from pi_SFT."""
+
+
+@dataclass
+class CriticConfig:
+    enabled: bool = False
+    """policy.algo=ppo with a learned value model V(x, y_<t) and GAE advantages (seeds/002 TL;DR setup)
+    instead of critic-free sequence advantages."""
+    model: str = ""
+    """Critic initialisation (a causal LM backbone or a saved reward model); empty = the reward model's."""
+    lr: float = 1e-5
+    """AdamW learning rate of the critic."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    value_clip: float = 0.2
+    """Clip of the value change around the rollout-time values (PPO value clipping); 0 disables."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """lambda of GAE."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one rank."""
+    world_size: int = 1
+    """DeepSpeed ranks of the critic group."""
+    zero_stage: Literal[2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+
+
+@dataclass
 class RunConfig:
-    method: Literal["irl", "sft", "inverse_rlignment", "spin", "aihf", "dpo", "bt_rm"] = "irl"
-    """Which recipe runs (DESIGN.md Sec. 1)."""
+    method: Literal["irl", "sft", "inverse_rlignment", "spin", "aihf", "dpo", "ipo", "bt_rm"] = "irl"
+    """Which recipe runs (DESIGN.md Sec. 1): irl (bi-level loop), sft, inverse_rlignment (SFT ->
+    discriminator RM -> Best-of-N), and the baselines spin, dpo, ipo, bt_rm, aihf."""
     iterations: int = 3
     """Outer iterations K of the bi-level loop."""
     seed: int = 0
@@ -199,6 +284,9 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    bon: BestOfNConfig = field(default_factory=BestOfNConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,6 +327,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
         return value
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list (e.g. 1,2,4)")
+        (item,) = typing.get_args(hint)
+        try:
+            return [item(v) if not isinstance(v, bool) else _bad(key, v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} must be a list of {item.__name__}") from None
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -263,6 +363,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}={value!r} must be a string")
         return str(value)
     return value
+
+
+def _bad(key: str, v: Any):
+    raise ConfigError(f"{key}: {v!r} is not allowed in this list")
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
@@ -367,7 +471,24 @@ def validate(cfg: Config) -> None:
     if cfg.policy.algo in ("rloo", "grpo", "online_dpo"):
         need(cfg.rollout.n >= 2, f"policy.algo={cfg.policy.algo} compares samples of a prompt: rollout.n must be "
                                  f">= 2, got {cfg.rollout.n}")
-    if cfg.run.method in ("aihf", "dpo", "bt_rm"):
+    for key in ("sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.num_workers", "sft.checkpoint_every",
+                "bon.rm_epochs", "bon.prompt_batch", "bon.sample_chunk", "critic.micro_batch_size",
+                "critic.world_size"):
+        section, name = key.split(".")
+        need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+    need(cfg.sft.lr > 0 and cfg.critic.lr > 0, "sft.lr and critic.lr must be > 0")
+    need(cfg.sft.batch_size % (cfg.sft.micro_batch_size * cfg.sft.num_workers) == 0,
+         f"sft.batch_size ({cfg.sft.batch_size}) must be a multiple of sft.micro_batch_size * sft.num_workers "
+         f"({cfg.sft.micro_batch_size} * {cfg.sft.num_workers})")
+    need(bool(cfg.bon.n) and all(n >= 1 for n in cfg.bon.n) and cfg.bon.n == sorted(set(cfg.bon.n)),
+         f"bon.n must be increasing Ns >= 1 without repeats, got {cfg.bon.n}")
+    need(0 <= cfg.critic.lam <= 1 and 0 <= cfg.critic.gamma <= 1, "critic.gamma and critic.lam must be in [0, 1]")
+    need(cfg.reward.demo_weight >= 0 and cfg.reward.preference_weight >= 0,
+         "reward.demo_weight and reward.preference_weight must be >= 0")
+    if cfg.critic.enabled:
+        need(cfg.policy.algo == "ppo", f"critic.enabled=true trains a value model for policy.algo=ppo, got "
+                                       f"policy.algo={cfg.policy.algo}")
+    if cfg.run.method in ("aihf", "dpo", "ipo", "bt_rm"):
         need(bool(cfg.data.preferences), f"run.method={cfg.run.method} needs preference data: set data.preferences")
     if cfg.run.colocate:
         need(cfg.run.device == "gpu", "run.colocate=true shares GPUs between learner and vLLM: it needs run.device=gpu")

@@ -66,27 +66,19 @@ def sampling(cfg: Config, t: int, n: int | None = None) -> SamplingSpec:
 
 
 def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encoded], c: Collaborators,
-                  state: LoopState) -> dict[str, float]:
-    """One alternation; returns its metrics. Mutates ``state`` (cursor, replay, iteration)."""
+                  state: LoopState, learn_reward: bool = True) -> dict[str, float]:
+    """One alternation; returns its metrics. Mutates ``state`` (cursor, replay, iteration).
+    ``learn_reward=False`` keeps r_phi fixed (RL on a learned reward, e.g. after Inverse-RLignment)."""
     phase, m = Phases(), {"iteration": float(t)}
     idx = state.cursor.take(cfg.rollout.prompts_per_iteration)
     with phase("rollout"):
         samples = c.rollout.generate([demos[i].prompt_ids for i in idx], sampling(cfg, t))
         probe = c.rollout.generate([d.prompt_ids for d in heldout], sampling(cfg, -t, n=1)) if heldout else None
         c.rollout.sleep()  # colocated engines free the GPU for the learners (a no-op otherwise)
-    seqs, n = sequences(samples), samples.n
-    with phase("reward"):  # Eq. 21a over this iteration's pairs and the replay window
-        state.replay.add(t, [idx[k // n] for k in range(len(seqs))], samples.response_ids)
-        window = state.replay.window(t, cfg.reward.replay_window)
-        m["replay_pairs"] = float(len(window))
-        order = torch.randperm(len(window), generator=torch.Generator().manual_seed(cfg.run.seed + t)).tolist()
-        stats = {}
-        for _ in range(cfg.reward.epochs):
-            for s in range(0, len(order), cfg.reward.batch_size):
-                chunk = [window[i] for i in order[s:s + cfg.reward.batch_size]]
-                stats = c.reward.update(PairReplay.batch(chunk, demos), cfg.reward.loss, cfg.reward.margin)
-        m.update({f"reward/{k}": v for k, v in stats.items()})
-    if t > cfg.reward.warmup_iterations:
+    seqs = sequences(samples)
+    if learn_reward:
+        m.update(reward_step(t, cfg, demos, idx, samples, c, state, phase))
+    if t > cfg.reward.warmup_iterations or not learn_reward:
         m.update(policy_step(cfg, samples, seqs, c, phase))
     with phase("diagnostics"):
         m["rollout/response_length"] = sum(map(len, samples.response_ids)) / len(samples.response_ids)
@@ -97,6 +89,25 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
     m.update(phase.seconds)
     m["time/iteration"] = sum(phase.seconds.values())
     state.iteration = t
+    return m
+
+
+def reward_step(t: int, cfg: Config, demos: list[Encoded], idx: list[int], samples, c: Collaborators,
+                state: LoopState, phase: Phases) -> dict[str, float]:
+    """Eq. 21a over this iteration's demo-vs-sample pairs and the replay window."""
+    m: dict[str, float] = {}
+    n = samples.n
+    with phase("reward"):
+        state.replay.add(t, [idx[k // n] for k in range(len(samples.response_ids))], samples.response_ids)
+        window = state.replay.window(t, cfg.reward.replay_window)
+        m["replay_pairs"] = float(len(window))
+        order = torch.randperm(len(window), generator=torch.Generator().manual_seed(cfg.run.seed + t)).tolist()
+        stats = {}
+        for _ in range(cfg.reward.epochs):
+            for s in range(0, len(order), cfg.reward.batch_size):
+                chunk = [window[i] for i in order[s:s + cfg.reward.batch_size]]
+                stats = c.reward.update(PairReplay.batch(chunk, demos), cfg.reward.loss, cfg.reward.margin)
+        m.update({f"reward/{k}": v for k, v in stats.items()})
     return m
 
 

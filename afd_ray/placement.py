@@ -40,7 +40,15 @@ class Plan:
         return sum(b.get("GPU", 0) for bundles in self.groups.values() for b in bundles)
 
 
-def plan(cfg: Config) -> Plan:
+def plan(cfg: Config, roles: tuple[str, ...] = ("rollout", "policy", "reward", "reference")) -> Plan:
+    """The placement of ``roles`` (a recipe that needs fewer actors reserves fewer resources)."""
+    full = _plan(cfg)
+    keep = {slot.group for role in roles for slot in full.roles.get(role, [])}
+    return Plan(full.layout, {g: b for g, b in full.groups.items() if g in keep},
+                {r: s for r, s in full.roles.items() if r in roles})
+
+
+def _plan(cfg: Config) -> Plan:
     counts = {"rollout": cfg.rollout.num_workers, "policy": cfg.policy.world_size,
               "reward": cfg.reward.world_size, "reference": 1}
     if cfg.run.device == "cpu":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from afd_ray.config import Config, ConfigError, load_config
+from afd_ray.config import Config, load_config
 from afd_ray.data.tokenize import Encoded, TruncationRules, encode_demonstrations
 from afd_ray.driver import Collaborators, LoopState, evaluate_policy, irl_iteration
 from afd_ray.replay import DataCursor, PairReplay
@@ -131,11 +131,18 @@ def load_golden(spec: str, tokenizer):
 
 # ---- actors ----------------------------------------------------------------------------------------------
 
-class System:
-    """The actors of one run and the driver's collaborators over them."""
+ROLES = ("rollout", "policy", "reward", "reference")
 
-    def __init__(self, cfg: Config, policy_path: str, reward_path: str, reference_path: str, tokenizer,
-                 probe: list[Encoded]):
+
+class System:
+    """The actors of one run and the driver's collaborators over them.
+
+    ``roles`` picks which groups exist (a Best-of-N run has no policy learner, DPO has no rollout); the
+    weight sync exists when both the policy learner and the rollout engines do. ``paths`` maps each role
+    to the model it loads (the reward role: a causal LM backbone or a saved reward model)."""
+
+    def __init__(self, cfg: Config, paths: dict[str, str], tokenizer, probe: list[Encoded],
+                 roles: tuple[str, ...] = ROLES):
         from afd_ray.placement import plan
         from afd_ray.types import SequenceBatch
         from afd_ray.workers import handles
@@ -146,46 +153,60 @@ class System:
         from afd_ray.workers.reward import RewardLearner
         from afd_ray.workers.rollout import RolloutWorker
 
-        p = plan(cfg)
+        p = plan(cfg, roles)
         self.groups = reserve(p)
+        self.actor_groups: list = []
+        self.handles: dict = {}
+        self.sync = None
         cpu = cfg.run.device == "cpu"
         cores = os.cpu_count() or 2
         pad = tokenizer.pad_token_id
         learner_env = {"OMP_NUM_THREADS": str(max(1, cores // cfg.policy.world_size))} if cpu else None
         max_len = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_response_tokens) + 8
-        self.rollout = ActorGroup(
-            RolloutWorker, p, "rollout", self.groups, policy_path, dtype=cfg.model.dtype, max_model_len=max_len,
-            seed=cfg.run.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-            device=cfg.run.device, omp_threads_bind=f"0-{cores - 1}" if cpu else "auto",
-            kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate)
         common = dict(dtype=cfg.model.dtype, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
                       seed=cfg.run.seed, device=cfg.run.device, pad_token_id=pad)
-        self.policy = ActorGroup(PolicyLearner, p, "policy", self.groups, LearnerSpec(
-            policy_path, lr=cfg.policy.lr, weight_decay=cfg.policy.weight_decay, grad_clip=cfg.policy.grad_clip,
-            zero_stage=cfg.policy.zero_stage, micro_batch_size=cfg.policy.micro_batch_size, **common),
-            ranked=True, env=learner_env)
-        self.reward = ActorGroup(RewardLearner, p, "reward", self.groups, LearnerSpec(
-            reward_path, lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip, zero_stage=cfg.reward.zero_stage,
-            micro_batch_size=cfg.reward.micro_batch_size, freeze_layers=cfg.reward.freeze_layers, **common),
-            ranked=True, env=learner_env)
-        self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, reference_path,
-                                    dtype=cfg.model.dtype, micro_batch_size=cfg.policy.micro_batch_size,
-                                    pad_token_id=pad, device=cfg.run.device)
-        probe_batch = SequenceBatch([e.prompt_ids for e in probe], [e.response_ids for e in probe])
-        pool = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate)
-        self.sync = handles.WeightSync(self.policy, self.rollout, probe_batch, cfg.run.sync_check_tol,
-                                       backend="gloo" if cpu else "nccl", pool=pool)
-        self.handles = dict(rollout=pool, policy=handles.PolicyGroup(self.policy),
-                            reward=handles.RewardGroup(self.reward), reference=handles.Reference(self.reference))
+        self.rollout = self.policy = self.reward = self.reference = None
+        if "rollout" in roles:
+            self.rollout = ActorGroup(
+                RolloutWorker, p, "rollout", self.groups, paths["rollout"], dtype=cfg.model.dtype,
+                max_model_len=max_len, seed=cfg.run.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                device=cfg.run.device, omp_threads_bind=f"0-{cores - 1}" if cpu else "auto",
+                kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate)
+            self.handles["rollout"] = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate)
+        if "policy" in roles:
+            self.policy = ActorGroup(PolicyLearner, p, "policy", self.groups, LearnerSpec(
+                paths["policy"], lr=cfg.policy.lr, weight_decay=cfg.policy.weight_decay,
+                grad_clip=cfg.policy.grad_clip, zero_stage=cfg.policy.zero_stage,
+                micro_batch_size=cfg.policy.micro_batch_size, **common), ranked=True, env=learner_env)
+            self.handles["policy"] = handles.PolicyGroup(self.policy)
+        if "reward" in roles:
+            self.reward = ActorGroup(RewardLearner, p, "reward", self.groups, LearnerSpec(
+                paths["reward"], lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip, zero_stage=cfg.reward.zero_stage,
+                micro_batch_size=cfg.reward.micro_batch_size, freeze_layers=cfg.reward.freeze_layers, **common),
+                ranked=True, env=learner_env)
+            self.handles["reward"] = handles.RewardGroup(self.reward)
+        if "reference" in roles:
+            self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, paths["reference"],
+                                        dtype=cfg.model.dtype, micro_batch_size=cfg.policy.micro_batch_size,
+                                        pad_token_id=pad, device=cfg.run.device)
+            self.handles["reference"] = handles.Reference(self.reference)
+        self.actor_groups = [g for g in (self.rollout, self.policy, self.reward, self.reference) if g is not None]
+        if self.policy is not None and self.rollout is not None:
+            probe_batch = SequenceBatch([e.prompt_ids for e in probe], [e.response_ids for e in probe])
+            self.sync = handles.WeightSync(self.policy, self.rollout, probe_batch, cfg.run.sync_check_tol,
+                                           backend="gloo" if cpu else "nccl", pool=self.handles["rollout"])
 
     def collaborators(self, golden) -> Collaborators:
-        return Collaborators(**self.handles, sync=self.sync.sync, golden=golden)
+        h = self.handles
+        return Collaborators(rollout=h.get("rollout"), policy=h.get("policy"), reward=h.get("reward"),
+                             reference=h.get("reference"), sync=self.sync.sync if self.sync else None,
+                             golden=golden)
 
     def shutdown(self) -> None:
         import ray
 
-        for g in (self.rollout, self.policy, self.reward, self.reference):
+        for g in self.actor_groups:
             g.kill()
         for pg in self.groups.values():
             ray.util.remove_placement_group(pg)
@@ -212,9 +233,8 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         if cfg is not None:  # allow a longer schedule or a different stop point on resume
             saved.run.iterations, saved.run.stop_after = cfg.run.iterations, cfg.run.stop_after
         cfg = saved
-    elif cfg.run.method != "irl":
-        raise ConfigError(f"run.method={cfg.run.method!r} is not available in this version; run.method=irl runs "
-                          "the bi-level IRL loop")
+    elif cfg.run.method not in ("irl", "aihf"):
+        return run_method(cfg, echo)
     else:
         rd = RunDir.create(cfg)
     initial = resolve_model_path(cfg.model.policy)
@@ -232,7 +252,8 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         echo(f"resuming {rd.path} after iteration {t}")
     reference_path = resolve_model_path(cfg.model.reference) if cfg.model.reference else initial
     ensure_ray()
-    system = System(cfg, policy_path, reward_path, reference_path, tokenizer, heldout[:4])
+    system = System(cfg, {"rollout": policy_path, "policy": policy_path, "reward": reward_path,
+                             "reference": reference_path}, tokenizer, heldout[:4])
     try:
         if last is not None:
             import ray
@@ -259,6 +280,21 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
     finally:
         system.shutdown()
     return rd
+
+
+def run_method(cfg: Config, echo=print) -> RunDir:
+    """The recipes besides the bi-level loop (afd_ray.methods, afd_ray.sft)."""
+    if cfg.run.method == "inverse_rlignment":
+        from afd_ray.methods import irlignment
+
+        return irlignment.run(cfg, echo)
+    if cfg.run.method == "sft":
+        from afd_ray import sft
+
+        return sft.run(cfg, echo)
+    from afd_ray.methods import baselines
+
+    return baselines.run(cfg, echo)
 
 
 def save_checkpoint(rd: RunDir, system: System, state: LoopState, t: int, tokenizer_path: str, keep: int) -> None:

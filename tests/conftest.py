@@ -49,3 +49,13 @@ def toy_sft(tmp_path_factory, smollm2_dir, tokenizer):
 
     demos = toy.make_demonstrations(tokenizer, 1024, seed=0)
     return toy.sft_from_scratch(tmp_path_factory.mktemp("toy"), smollm2_dir, demos, steps=60, batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def toy_init(tmp_path_factory, smollm2_dir, tokenizer):
+    """The toy task's pi_init for Inverse-RLignment: the same from-scratch run stopped at 40 steps. It
+    has learned the digits but not the length or the parity rule (held-out golden reward ~0.45)."""
+    from afd_ray import toy
+
+    demos = toy.make_demonstrations(tokenizer, 1024, seed=0)
+    return toy.sft_from_scratch(tmp_path_factory.mktemp("toy_init"), smollm2_dir, demos, steps=40, batch_size=32)

@@ -10,7 +10,7 @@ from afd_ray.algo.masked import token_logprobs
 from afd_ray.config import load_config
 from afd_ray.data.tokenize import collate
 from afd_ray.models.loading import load_policy
-from afd_ray.run import System
+from afd_ray.run import ROLES, System
 from afd_ray.toy import make_demonstrations
 from afd_ray.types import PolicyBatch, SamplingSpec, SequenceBatch
 from afd_ray.workers.handles import WeightSyncError
@@ -23,7 +23,7 @@ def test_sync_makes_vllm_greedy_equal_learner_greedy(ray_local, toy_sft, tokeniz
     cfg = load_config("toy", [f"model.policy={toy_sft}", "policy.world_size=2", f"policy.zero_stage={zero_stage}",
                               "policy.micro_batch_size=8"])
     demos = make_demonstrations(tokenizer, 64, seed=5)
-    system = System(cfg, str(toy_sft), str(toy_sft), str(toy_sft), tokenizer, demos[:4])
+    system = System(cfg, dict.fromkeys(ROLES, str(toy_sft)), tokenizer, demos[:4])
     try:
         policy, rollout = system.handles["policy"], system.handles["rollout"]
         system.sync.check()  # engine and learner start from the same checkpoint
@@ -80,7 +80,7 @@ def test_every_policy_algo_and_reward_loss_runs_on_real_actors(ray_local, toy_sf
     base = ["model.policy=" + str(toy_sft), "policy.world_size=2", "rollout.prompts_per_iteration=8",
             "data.heldout=8", "policy.micro_batch_size=16", "reward.lr=1e-3"]
     demos = make_demonstrations(tokenizer, 200, seed=3)
-    system = System(load_config("toy", base), str(toy_sft), str(toy_sft), str(toy_sft), tokenizer, demos[:4])
+    system = System(load_config("toy", base), dict.fromkeys(ROLES, str(toy_sft)), tokenizer, demos[:4])
     try:
         c = Collaborators(**system.handles, sync=system.sync.sync, golden=load_golden("afd_ray.toy:golden_reward",
                                                                                           tokenizer))

@@ -1,0 +1,323 @@
+"""Inverse-RLignment (seeds/000 Sec. 3.2): SFT -> a discriminator reward model -> Best-of-N.
+
+    pi_SFT = SFT(pi_init, D_demo)                                         (sft stage, Ray Train)
+    D_phi = argmax E_pos[log D] + E_neg[log(1 - D)],  r = logit D_phi     (Eq. 11-12, data choice of Table 1)
+    y_BoN(x) = argmax_{y_1..y_N ~ pi_SFT(.|x)} r(x, y)                     (Best-of-N, Sec. 4.2)
+
+The data choice (``bon.data_choice``) names the discriminator's positive and negative sets (Table 1):
+``init_sft`` = pi_SFT samples vs pi_init samples (low heterogeneity, the paper's pick), ``init_demo`` =
+demonstrations vs pi_init samples, ``sft_demo`` = demonstrations vs pi_SFT samples.
+
+Best-of-N streams: prompts go in batches of ``bon.prompt_batch`` and samples in chunks of
+``bon.sample_chunk`` per prompt; only each prompt's running best (``BestOfNState``) survives a chunk, so
+N = 1000 over many prompts needs the memory of one chunk. One pool of max(N) samples per prompt gives the
+whole curve: the best of the first N samples, for every N of ``bon.n``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from afd_ray.algo.selection import BestOfNState
+from afd_ray.config import Config
+from afd_ray.data.tokenize import Encoded
+from afd_ray.types import PairBatch, Samples, SamplingSpec, SequenceBatch
+
+log = logging.getLogger("afd_ray")
+
+DATA_CHOICES = {  # Table 1 of seeds/000: (positive source, negative source)
+    "init_sft": ("sft", "init"),
+    "init_demo": ("demo", "init"),
+    "sft_demo": ("demo", "sft"),
+}
+
+
+def discriminator_data(choice: str, demos: list[Encoded], init: list[list[int]] | None,
+                       sft: list[list[int]] | None) -> PairBatch:
+    """The discriminator's training set for ``choice``: positives as ``chosen``, negatives as ``rejected``,
+    row i of both on the prompt of ``demos[i]``.
+
+    init, sft: one sampled response per demo prompt from pi_init / pi_SFT (only the sources the choice
+    names are needed). Raises ValueError on an unknown choice or a missing / misaligned source.
+    """
+    if choice not in DATA_CHOICES:
+        raise ValueError(f"bon.data_choice={choice!r}; choose one of {sorted(DATA_CHOICES)}")
+    sources = {"demo": [d.response_ids for d in demos], "init": init, "sft": sft}
+    pos, neg = (sources[s] for s in DATA_CHOICES[choice])
+    for name, rows in zip(DATA_CHOICES[choice], (pos, neg)):
+        if rows is None or len(rows) != len(demos):
+            raise ValueError(f"data choice {choice} needs one {name} response per prompt ({len(demos)}), got "
+                             f"{'none' if rows is None else len(rows)}")
+    prompts = [d.prompt_ids for d in demos]
+    return PairBatch(SequenceBatch(prompts, list(pos)), SequenceBatch(prompts, list(neg)))
+
+
+@dataclass
+class BoNRow:
+    """Best-of-N over a set of prompts: the selected responses' learned reward and golden reward."""
+
+    n: int
+    reward: list[float] = field(default_factory=list)
+    golden: list[float] = field(default_factory=list)
+    wins_vs_plain: float = 0.0  # golden(BoN) > golden(plain sample): 1, equal: 1/2
+
+    def summary(self) -> dict[str, float]:
+        k = max(len(self.reward), 1)
+        out = {"n": self.n, "prompts": len(self.reward), "reward": sum(self.reward) / k}
+        if self.golden:
+            mean = sum(self.golden) / len(self.golden)
+            var = sum((g - mean) ** 2 for g in self.golden) / max(len(self.golden) - 1, 1)
+            out |= {"golden": mean, "golden_se": math.sqrt(var / len(self.golden)),
+                    "win_rate_vs_plain": self.wins_vs_plain / len(self.golden)}
+        return out
+
+
+def best_of_n(generate: Callable[[list[list[int]], SamplingSpec], Samples],
+              score: Callable[[SequenceBatch], torch.Tensor], prompts: list[list[int]], ns: list[int],
+              spec: SamplingSpec, prompt_batch: int, sample_chunk: int,
+              golden: Callable[[list[list[int]], list[list[int]]], list[float]] | None = None,
+              sink: Callable[[int, list[list[int]], list[list[int]], list[float]], None] | None = None,
+              ) -> dict[int, BoNRow]:
+    """The Best-of-N curve for every N in ``ns`` (increasing), streamed (module docstring).
+
+    Sample j of prompt i comes from the chunk that covers j; chunk boundaries fall on every N of ``ns``,
+    so the first chunk is one plain sample per prompt with ``spec.seed``: N = 1 *is* plain sampling.
+    ``sink(n, prompts, responses, rewards)`` receives each prompt batch's selection for each N (to write
+    it out) instead of it being kept.
+    """
+    rows = {n: BoNRow(n) for n in ns}
+    for lo in range(0, len(prompts), prompt_batch):
+        batch = prompts[lo:lo + prompt_batch]
+        state, best = BestOfNState.empty(len(batch)), [None] * len(batch)
+        plain_golden = None
+        chunk_id = 0
+        for n in ns:
+            while state.seen < n:
+                c = min(sample_chunk, n - state.seen)
+                seed = None if spec.seed is None else spec.seed + 10_007 * chunk_id + lo
+                s = generate(batch, SamplingSpec(n=c, temperature=spec.temperature, top_p=spec.top_p,
+                                                 max_tokens=spec.max_tokens, seed=seed))
+                r = score(SequenceBatch([p for p in batch for _ in range(c)], s.response_ids)).view(len(batch), c)
+                before = state.seen
+                improved = state.update(r)
+                for i in improved.nonzero().flatten().tolist():
+                    best[i] = s.response_ids[i * c + int(state.index_P[i]) - before]
+                chunk_id += 1
+            chosen = list(best)
+            row = rows[n]
+            row.reward += state.reward_P.tolist()
+            if golden is not None:
+                g = golden(batch, chosen)
+                if plain_golden is None:
+                    plain_golden = g  # the first N's selection: with ns[0] = 1, the plain sample
+                row.golden += g
+                row.wins_vs_plain += sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(g, plain_golden))
+            if sink is not None:
+                sink(n, batch, chosen, state.reward_P.tolist())
+    return rows
+
+
+class SelectionWriter:
+    """Selected responses per N as jsonl (bon/N{n}.jsonl), written to temp files and renamed on close."""
+
+    def __init__(self, out_dir: Path, tokenizer, ns: list[int]):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = tokenizer
+        self.files = {n: open(self.dir / f".N{n}.jsonl.tmp", "w") for n in ns}
+
+    def __call__(self, n: int, prompts: list[list[int]], responses: list[list[int]], rewards: list[float]) -> None:
+        f = self.files[n]
+        for p, r, s in zip(prompts, responses, rewards):
+            f.write(json.dumps({"prompt": self.tokenizer.decode(p, skip_special_tokens=True),
+                                "response": self.tokenizer.decode(r, skip_special_tokens=True),
+                                "reward": s, "response_ids": r}) + "\n")
+
+    def close(self) -> None:
+        for n, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(self.dir / f".N{n}.jsonl.tmp", self.dir / f"N{n}.jsonl")
+
+
+def train_discriminator(reward, pairs: PairBatch, cfg: Config) -> dict[str, float]:
+    """BCE discriminator (seeds/000 Eq. 11) over ``pairs`` for ``bon.rm_epochs`` passes in batches of
+    ``reward.batch_size``; returns the last step's stats plus the mean training accuracy of the last pass."""
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    stats, accs = {}, []
+    for _ in range(cfg.bon.rm_epochs):
+        order = torch.randperm(len(pairs), generator=g).tolist()
+        accs = []
+        for lo in range(0, len(order), cfg.reward.batch_size):
+            idx = order[lo:lo + cfg.reward.batch_size]
+            chunk = PairBatch(SequenceBatch([pairs.chosen.prompts[i] for i in idx],
+                                            [pairs.chosen.responses[i] for i in idx]),
+                              SequenceBatch([pairs.rejected.prompts[i] for i in idx],
+                                            [pairs.rejected.responses[i] for i in idx]))
+            stats = reward.update(chunk, "discriminator", 0.0)
+            accs.append(stats["accuracy"])
+    return {**stats, "train_accuracy_last_epoch": sum(accs) / max(len(accs), 1)}
+
+
+# ---- the recipe ------------------------------------------------------------------------------------------
+
+def sample_once(cfg: Config, model_path: str, prompts: list[list[int]], tokenizer, seed: int) -> list[list[int]]:
+    """One response per prompt from ``model_path`` with a short-lived rollout engine."""
+    from afd_ray.run import System
+
+    system = System(cfg, {"rollout": model_path}, tokenizer, [], roles=("rollout",))
+    try:
+        spec = SamplingSpec(n=1, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                            max_tokens=cfg.rollout.max_new_tokens, seed=seed)
+        return system.handles["rollout"].generate(prompts, spec).response_ids
+    finally:
+        system.shutdown()
+
+
+def bon_sampling(cfg: Config) -> SamplingSpec:
+    """How Best-of-N samples pi_SFT (its first chunk, N = 1, is exactly this plain sampling)."""
+    return SamplingSpec(n=1, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                        max_tokens=cfg.rollout.max_new_tokens, seed=cfg.run.seed * 1_000_003 + 29)
+
+
+def run(cfg: Config, echo=print):
+    """SFT (unless model.sft is given) -> discriminator -> Best-of-N curve [-> RL on the learned reward]."""
+    from afd_ray.models.loading import load_tokenizer, resolve_model_path
+    from afd_ray.run import RunDir, System, atomic_write, build_data, ensure_ray, load_golden
+
+    rd = RunDir.create(cfg)
+    init = resolve_model_path(cfg.model.policy)
+    tokenizer = load_tokenizer(init)
+    train, heldout = build_data(cfg, tokenizer)
+    if not heldout:
+        raise ValueError("inverse_rlignment evaluates Best-of-N on held-out prompts: set data.heldout > 0")
+    ensure_ray()
+    if cfg.model.sft:
+        sft_path = resolve_model_path(cfg.model.sft)
+    else:
+        from afd_ray.sft import train_sft
+
+        echo(f"SFT from {init} on {len(train)} demonstrations (Ray Train)")
+        sft_path = str(train_sft(cfg, train, rd.path / "sft", init))
+    golden = load_golden(cfg.run.golden_reward, tokenizer)
+    rm_demos = train[: cfg.bon.rm_prompts] if cfg.bon.rm_prompts else train
+    eval_demos = heldout[: cfg.bon.prompts] if cfg.bon.prompts else heldout
+    positive, negative = DATA_CHOICES[cfg.bon.data_choice]
+    prompts = [d.prompt_ids for d in rm_demos + eval_demos]
+    drawn = {}
+    for source, path in (("init", init), ("sft", sft_path)):
+        if source in (positive, negative):
+            echo(f"sampling pi_{source} on {len(prompts)} prompts")
+            drawn[source] = sample_once(cfg, path, prompts, tokenizer, seed=cfg.run.seed * 1_000_003 + 17)
+    k = len(rm_demos)
+    train_pairs = discriminator_data(cfg.bon.data_choice, rm_demos, *(drawn[s][:k] if s in drawn else None
+                                                                         for s in ("init", "sft")))
+    eval_pairs = discriminator_data(cfg.bon.data_choice, eval_demos, *(drawn[s][k:] if s in drawn else None
+                                                                         for s in ("init", "sft")))
+    reward_path = resolve_model_path(cfg.model.reward) if cfg.model.reward else init
+    system = System(cfg, {"rollout": sft_path, "reward": reward_path}, tokenizer, [], roles=("rollout", "reward"))
+    try:
+        rm = system.handles["reward"]
+        echo(f"discriminator ({cfg.bon.data_choice}: {positive} vs {negative}) on {len(train_pairs)} pairs")
+        stats = train_discriminator(rm, train_pairs, cfg)
+        r_pos = rm.score(eval_pairs.chosen)
+        r_neg = rm.score(eval_pairs.rejected)
+        disc = {"discriminator/" + k: v for k, v in stats.items()} | {
+            "discriminator/heldout_accuracy": float(((r_pos > 0).float().mean() + (r_neg < 0).float().mean()) / 2),
+            "discriminator/heldout_pairwise_accuracy": float((r_pos > r_neg).float().mean())}
+        echo("  " + "  ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in disc.items() if "accuracy" in k))
+        rm.save(str(rd.path / ".reward_state"), str(rd.path / "reward_model"), init)
+        shutil_rmtree(rd.path / ".reward_state")
+        spec = bon_sampling(cfg)
+        writer = SelectionWriter(rd.path / "bon", tokenizer, cfg.bon.n)
+        echo(f"Best-of-N for N in {cfg.bon.n} on {len(eval_demos)} held-out prompts")
+        rows = best_of_n(system.handles["rollout"].generate, rm.score, [d.prompt_ids for d in eval_demos],
+                         cfg.bon.n, spec, cfg.bon.prompt_batch, cfg.bon.sample_chunk, golden=golden, sink=writer)
+        writer.close()
+    finally:
+        system.shutdown()
+    table = [rows[n].summary() for n in cfg.bon.n]
+    demo_golden = None
+    if golden is not None:
+        g = golden([d.prompt_ids for d in eval_demos], [d.response_ids for d in eval_demos])
+        demo_golden = sum(g) / len(g)
+    result = {"config": cfg.to_dict(), "sft_path": sft_path, **disc, "best_of_n": table,
+              "golden_demonstrations": demo_golden}
+    atomic_write(rd.path / "bon.json", json.dumps(result, indent=1))
+    for line in _table(table):
+        echo(line)
+    if cfg.bon.rl_iterations:
+        result["rl"] = rl_on_learned_reward(cfg, rd, sft_path, tokenizer, train, heldout, golden, echo)
+    write_report(rd, cfg, result)
+    echo(f"done: {rd.path} ({rd.path / 'report.md'})")
+    return rd
+
+
+def rl_on_learned_reward(cfg: Config, rd, sft_path: str, tokenizer, train, heldout, golden, echo) -> dict:
+    """The IRL loop's policy step on the fixed discriminator reward (no reward updates), from pi_SFT."""
+    import dataclasses
+
+    from afd_ray.driver import LoopState, evaluate_policy, irl_iteration
+    from afd_ray.replay import DataCursor
+    from afd_ray.run import ROLES, System, summary_line
+
+    rl_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, iterations=cfg.bon.rl_iterations))
+    paths = dict.fromkeys(ROLES, sft_path) | {"reward": str(rd.path / "reward_model")}
+    system = System(rl_cfg, paths, tokenizer, heldout[:4])
+    state = LoopState(cursor=DataCursor(len(train), seed=cfg.run.seed))
+    try:
+        c = system.collaborators(golden)
+        for t in range(1, cfg.bon.rl_iterations + 1):
+            m = irl_iteration(t, rl_cfg, train, heldout, c, state, learn_reward=False)
+            rd.append_metrics(m)
+            echo("rl " + summary_line(m))
+        final = evaluate_policy(rl_cfg, heldout, c)
+        system.handles["policy"].save(str(rd.path / ".policy_state"), str(rd.path / "rl_policy"), sft_path)
+        shutil_rmtree(rd.path / ".policy_state")
+    finally:
+        system.shutdown()
+    return final
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _table(table: list[dict]) -> list[str]:
+    has_golden = any("golden" in r for r in table)
+    head = "| N | learned reward |" + (" golden reward (± s.e.) | win rate vs N=1 |" if has_golden else "")
+    lines = [head, "|---|---|" + ("---|---|" if has_golden else "")]
+    for r in table:
+        line = f"| {r['n']} | {r['reward']:+.3f} |"
+        if has_golden:
+            line += f" {r['golden']:.3f} ± {r['golden_se']:.3f} | {r['win_rate_vs_plain']:.3f} |"
+        lines.append(line)
+    return lines
+
+
+def write_report(rd, cfg: Config, result: dict) -> None:
+    from afd_ray.run import atomic_write
+
+    lines = [f"# Inverse-RLignment: {rd.path.name}", "",
+             f"pi_init `{cfg.model.policy}`, pi_SFT `{result['sft_path']}`, demonstrations "
+             f"`{cfg.data.demonstrations}`, discriminator data `{cfg.bon.data_choice}`.", "",
+             "## Discriminator (seeds/000 Eq. 11-12)", ""]
+    lines += [f"- {k.split('/', 1)[1]}: {v:.4f}" for k, v in result.items() if k.startswith("discriminator/")]
+    lines += ["", "## Best-of-N with pi_SFT samples (held-out prompts)", ""] + _table(result["best_of_n"])
+    if result.get("golden_demonstrations") is not None:
+        lines += ["", f"Demonstrations' golden reward on these prompts: {result['golden_demonstrations']:.3f}"]
+    if "rl" in result:
+        lines += ["", "## RL on the learned reward (final policy, held-out prompts)", ""]
+        lines += [f"- {k}: {v:.4f}" for k, v in sorted(result["rl"].items())]
+    atomic_write(rd.path / "report.md", "\n".join(lines) + "\n")

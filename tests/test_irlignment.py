@@ -1,0 +1,102 @@
+"""Inverse-RLignment: the discriminator's data choices (seeds/000 Table 1) and streamed Best-of-N."""
+
+import json
+
+import pytest
+import torch
+
+from afd_ray.data.tokenize import Encoded
+from afd_ray.methods.irlignment import best_of_n, bon_sampling, discriminator_data
+from afd_ray.types import Samples, SamplingSpec
+
+
+def demos(k=3):
+    return [Encoded([1, 10 + i], [20 + i, 2], False, "t", i) for i in range(k)]
+
+
+@pytest.mark.parametrize("choice, positive, negative", [
+    ("init_sft", "sft", "init"), ("init_demo", "demo", "init"), ("sft_demo", "demo", "sft")])
+def test_each_data_choice_builds_the_sets_table_1_names(choice, positive, negative):
+    d = demos()
+    responses = {"demo": [e.response_ids for e in d], "init": [[30 + i] for i in range(3)],
+                 "sft": [[40 + i] for i in range(3)]}
+    pairs = discriminator_data(choice, d, responses["init"], responses["sft"])
+    assert pairs.chosen.responses == responses[positive]
+    assert pairs.rejected.responses == responses[negative]
+    assert pairs.chosen.prompts == pairs.rejected.prompts == [e.prompt_ids for e in d]
+
+
+def test_data_choice_errors_name_what_is_missing():
+    with pytest.raises(ValueError, match="bon.data_choice='sft_init'"):
+        discriminator_data("sft_init", demos(), [], [])
+    with pytest.raises(ValueError, match="init_sft needs one init response per prompt"):
+        discriminator_data("init_sft", demos(), None, [[1]] * 3)
+    with pytest.raises(ValueError, match="got 2"):
+        discriminator_data("sft_demo", demos(), None, [[1]] * 2)
+
+
+class Recorder:
+    """A seeded sampler (response = one random token) that records every sample it hands out, so the
+    streamed selection can be checked against the argmax over each prompt's first N samples."""
+
+    def __init__(self):
+        self.samples: dict[tuple, list[int]] = {}
+
+    def generate(self, prompts, spec: SamplingSpec) -> Samples:
+        g = torch.Generator().manual_seed(spec.seed)
+        out = []
+        for p in prompts:
+            key = tuple(p)
+            for _ in range(spec.n):
+                out.append([int(torch.randint(0, 1000, (), generator=g))])
+                self.samples.setdefault(key, []).append(out[-1][0])
+        return Samples([list(p) for p in prompts], out, [[0.0]] * len(out), spec.n)
+
+    @staticmethod
+    def score(seqs):
+        return torch.tensor([float(r[0] % 97) for r in seqs.responses])
+
+
+def test_streamed_best_of_n_is_the_best_of_each_prompts_first_n_samples():
+    rec, prompts = Recorder(), [[1, i] for i in range(10)]
+    seen = []
+    rows = best_of_n(rec.generate, rec.score, prompts, [1, 2, 5, 16], SamplingSpec(seed=3), prompt_batch=4,
+                     sample_chunk=3, golden=lambda p, r: [x[0] / 1000 for x in r],
+                     sink=lambda n, p, r, s: seen.append((n, len(p))))
+    for n, row in rows.items():
+        for i, p in enumerate(prompts):
+            first = rec.samples[tuple(p)][:n]
+            assert row.reward[i] == max(x % 97 for x in first)
+            assert row.golden[i] == first[max(range(n), key=lambda j: (first[j] % 97, -j))] / 1000
+    assert all(len(rec.samples[tuple(p)]) == 16 for p in prompts)  # one pool of max(N) samples
+    assert max(b for _, b in seen) == 4  # the sink got prompt batches, never the whole set
+    assert rows[1].summary()["win_rate_vs_plain"] == 0.5
+
+
+@pytest.mark.slow
+def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local, toy_init, toy_sft, tmp_path,
+                                                                       tokenizer):
+    from afd_ray.config import load_config
+    from afd_ray.run import System, run
+
+    cfg = load_config("toy", ["run.method=inverse_rlignment", f"model.policy={toy_init}", f"model.sft={toy_sft}",
+                              f"run.output_dir={tmp_path}", "run.name=bon", "bon.n=1,4,16", "bon.rm_epochs=3",
+                              "reward.lr=1e-3", "bon.prompt_batch=128"])
+    rd = run(cfg, echo=lambda *_: None)
+    result = json.loads((rd.path / "bon.json").read_text())
+    table = {row["n"]: row for row in result["best_of_n"]}
+    assert table[16]["golden"] > table[1]["golden"] + 0.08, table
+    assert table[16]["win_rate_vs_plain"] > 0.5
+    assert (rd.path / "reward_model" / "config.json").is_file()
+    assert "| 16 |" in (rd.path / "report.md").read_text()
+    # N = 1 is plain sampling: the same responses as one sample per prompt from pi_SFT with that seed
+    selected = [json.loads(line)["response_ids"] for line in (rd.path / "bon" / "N1.jsonl").read_text().splitlines()]
+    from afd_ray.run import build_data
+
+    _, heldout = build_data(cfg, tokenizer)
+    system = System(cfg, {"rollout": str(toy_sft)}, tokenizer, [], roles=("rollout",))
+    try:
+        plain = system.handles["rollout"].generate([d.prompt_ids for d in heldout], bon_sampling(cfg))
+    finally:
+        system.shutdown()
+    assert selected == plain.response_ids
