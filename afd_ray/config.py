@@ -116,12 +116,14 @@ class PolicyConfig:
     dual_clip: float = 0.0
     """PPO dual-clip constant c > 1 for negative advantages; 0 disables."""
     dpo_beta: float = 0.1
-    """beta of the DPO loss for online_dpo."""
+    """beta of the DPO loss (online_dpo, spin, dpo; tau for ipo)."""
     dpo_min_gap: float = 0.0
     """online_dpo: skip prompts whose best and worst sample differ by at most this reward (ambiguous pairs)."""
     rpo_alpha: float = 0.0
     """online_dpo: weight of the chosen responses' per-token NLL added to the DPO loss (RPO, as TRL's
     rpo_alpha); it keeps DPO from lowering both responses' likelihood. 0 = plain DPO."""
+    pairs_per_step: int = 32
+    """dpo / ipo: preference pairs per optimizer step (one step per run iteration)."""
     epochs: int = 1
     """Passes over each iteration's rollouts."""
     mini_batches: int = 1
@@ -161,9 +163,9 @@ class RewardConfig:
     freeze_layers: int = 0
     """Freeze the embeddings and this many lowest transformer blocks (cheaper on CPU)."""
     demo_weight: float = 1.0
-    """aihf: weight gamma of the demonstration-vs-sample pairs in the reward step (seeds/002 Eq. 24a)."""
+    """aihf: weight gamma of the demonstration-vs-sample pairs in the reward step (seeds/004 Eq. 24a)."""
     preference_weight: float = 1.0
-    """aihf: weight alpha of the preference pairs in the reward step (seeds/002 Eq. 24a)."""
+    """aihf: weight alpha of the preference pairs in the reward step (seeds/004 Eq. 24a)."""
     world_size: int = 1
     """DeepSpeed ranks of the reward learner group."""
     zero_stage: Literal[2, 3] = 2
@@ -442,7 +444,7 @@ def validate(cfg: Config) -> None:
 
     for key in ("rollout.num_workers", "rollout.tensor_parallel_size", "rollout.prompts_per_iteration",
                 "rollout.n", "rollout.max_new_tokens", "policy.epochs", "policy.mini_batches", "policy.micro_batch_size",
-                "policy.world_size", "reward.epochs", "reward.micro_batch_size", "reward.world_size", "reward.batch_size",
+                "policy.world_size", "policy.pairs_per_step", "reward.epochs", "reward.micro_batch_size", "reward.world_size", "reward.batch_size",
                 "run.keep_checkpoints",
                 "run.iterations", "data.max_prompt_tokens", "data.max_response_tokens"):
         section, name = key.split(".")
@@ -468,7 +470,7 @@ def validate(cfg: Config) -> None:
     need(not cfg.run.golden_reward or ":" in cfg.run.golden_reward,
          f"run.golden_reward must look like module:function, got {cfg.run.golden_reward!r}")
     need(cfg.model.lora_r >= 0, f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
-    if cfg.policy.algo in ("rloo", "grpo", "online_dpo"):
+    if cfg.policy.algo in ("rloo", "grpo", "online_dpo") and cfg.run.method in ("irl", "aihf", "inverse_rlignment"):
         need(cfg.rollout.n >= 2, f"policy.algo={cfg.policy.algo} compares samples of a prompt: rollout.n must be "
                                  f">= 2, got {cfg.rollout.n}")
     for key in ("sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.num_workers", "sft.checkpoint_every",

@@ -23,7 +23,7 @@ from afd_ray.algo.credit import policy_batch, sequences
 from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded
 from afd_ray.replay import DataCursor, PairReplay
-from afd_ray.types import SamplingSpec, SequenceBatch
+from afd_ray.types import PairBatch, SamplingSpec, SequenceBatch
 
 
 @dataclass
@@ -37,6 +37,14 @@ class Collaborators:
 
 
 @dataclass
+class PreferenceData:
+    """aihf: preference pairs (EncodedPreference) for the reward step, and held-out ones for accuracy."""
+
+    train: list
+    heldout: list = field(default_factory=list)
+
+
+@dataclass
 class LoopState:
     """Everything besides the models that a resumed run needs: the last finished iteration, the data
     cursor and the pair replay."""
@@ -44,6 +52,7 @@ class LoopState:
     cursor: DataCursor
     replay: PairReplay = field(default_factory=PairReplay)
     iteration: int = 0
+    pref_cursor: DataCursor | None = None  # aihf: walks the preference pairs
 
 
 class Phases:
@@ -66,9 +75,11 @@ def sampling(cfg: Config, t: int, n: int | None = None) -> SamplingSpec:
 
 
 def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encoded], c: Collaborators,
-                  state: LoopState, learn_reward: bool = True) -> dict[str, float]:
+                  state: LoopState, learn_reward: bool = True, prefs: PreferenceData | None = None
+                  ) -> dict[str, float]:
     """One alternation; returns its metrics. Mutates ``state`` (cursor, replay, iteration).
-    ``learn_reward=False`` keeps r_phi fixed (RL on a learned reward, e.g. after Inverse-RLignment)."""
+    ``learn_reward=False`` keeps r_phi fixed (RL on a learned reward, e.g. after Inverse-RLignment);
+    ``prefs`` (aihf) mixes preference pairs into the reward step (seeds/004 Eq. 24a)."""
     phase, m = Phases(), {"iteration": float(t)}
     idx = state.cursor.take(cfg.rollout.prompts_per_iteration)
     with phase("rollout"):
@@ -77,7 +88,7 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
         c.rollout.sleep()  # colocated engines free the GPU for the learners (a no-op otherwise)
     seqs = sequences(samples)
     if learn_reward:
-        m.update(reward_step(t, cfg, demos, idx, samples, c, state, phase))
+        m.update(reward_step(t, cfg, demos, idx, samples, c, state, phase, prefs.train if prefs else None))
     if t > cfg.reward.warmup_iterations or not learn_reward:
         m.update(policy_step(cfg, samples, seqs, c, phase))
     with phase("diagnostics"):
@@ -86,6 +97,10 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
             m["golden/train_samples"] = _mean(c.golden(seqs.prompts, seqs.responses))
         if probe is not None:
             m.update(heldout_diagnostics(heldout, probe.response_ids, c))
+        if prefs is not None and prefs.heldout:
+            from afd_ray.methods.baselines import preference_accuracy
+
+            m.update({f"heldout/{k}": v for k, v in preference_accuracy(c.reward, prefs.heldout).items()})
     m.update(phase.seconds)
     m["time/iteration"] = sum(phase.seconds.values())
     state.iteration = t
@@ -93,8 +108,10 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
 
 
 def reward_step(t: int, cfg: Config, demos: list[Encoded], idx: list[int], samples, c: Collaborators,
-                state: LoopState, phase: Phases) -> dict[str, float]:
-    """Eq. 21a over this iteration's demo-vs-sample pairs and the replay window."""
+                state: LoopState, phase: Phases, prefs: list | None = None) -> dict[str, float]:
+    """Eq. 21a over this iteration's demo-vs-sample pairs and the replay window. With ``prefs`` (AIHF,
+    Eq. 24a) every batch of demo pairs is joined by as many preference pairs, weighted so the loss is
+    gamma * mean(demo-pair loss) + alpha * mean(preference-pair loss)."""
     m: dict[str, float] = {}
     n = samples.n
     with phase("reward"):
@@ -102,13 +119,33 @@ def reward_step(t: int, cfg: Config, demos: list[Encoded], idx: list[int], sampl
         window = state.replay.window(t, cfg.reward.replay_window)
         m["replay_pairs"] = float(len(window))
         order = torch.randperm(len(window), generator=torch.Generator().manual_seed(cfg.run.seed + t)).tolist()
-        stats = {}
+        stats, used = {}, 0
         for _ in range(cfg.reward.epochs):
             for s in range(0, len(order), cfg.reward.batch_size):
                 chunk = [window[i] for i in order[s:s + cfg.reward.batch_size]]
-                stats = c.reward.update(PairReplay.batch(chunk, demos), cfg.reward.loss, cfg.reward.margin)
+                pairs = PairReplay.batch(chunk, demos)
+                if prefs:
+                    pairs = mix_preferences(pairs, [prefs[i] for i in state.pref_cursor.take(len(chunk))],
+                                            cfg.reward.demo_weight, cfg.reward.preference_weight)
+                    used += len(chunk)
+                stats = c.reward.update(pairs, cfg.reward.loss, cfg.reward.margin)
         m.update({f"reward/{k}": v for k, v in stats.items()})
+        if prefs:
+            m["preference_pairs"] = float(used)
     return m
+
+
+def mix_preferences(demo_pairs: PairBatch, prefs: list, gamma: float, alpha: float) -> PairBatch:
+    """Demo-vs-sample pairs followed by preference pairs (x, y_w, y_l), with per-pair weights
+    gamma * n / n_demo and alpha * n / n_pref (the learner divides the weighted sum by n)."""
+    nd, npf = len(demo_pairs), len(prefs)
+    n = nd + npf
+    chosen = SequenceBatch(demo_pairs.chosen.prompts + [p.prompt_ids for p in prefs],
+                           demo_pairs.chosen.responses + [p.chosen_ids for p in prefs])
+    rejected = SequenceBatch(demo_pairs.rejected.prompts + [p.prompt_ids for p in prefs],
+                             demo_pairs.rejected.responses + [p.rejected_ids for p in prefs])
+    weight = torch.cat([torch.full((nd,), gamma * n / max(nd, 1)), torch.full((npf,), alpha * n / max(npf, 1))])
+    return PairBatch(chosen, rejected, weight)
 
 
 def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, phase: Phases) -> dict[str, float]:

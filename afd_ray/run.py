@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from afd_ray.config import Config, load_config
+from afd_ray.config import Config, ConfigError, load_config
 from afd_ray.data.tokenize import Encoded, TruncationRules, encode_demonstrations
-from afd_ray.driver import Collaborators, LoopState, evaluate_policy, irl_iteration
+from afd_ray.driver import Collaborators, LoopState, PreferenceData, evaluate_policy, irl_iteration
 from afd_ray.replay import DataCursor, PairReplay
 
 log = logging.getLogger("afd_ray")
@@ -212,13 +213,34 @@ class System:
             ray.util.remove_placement_group(pg)
 
 
+def local_ray_env() -> int | None:
+    """Settings for a Ray instance this process starts, made before ``ray.init`` so every Ray process
+    inherits them; returns the dashboard port to start (None under a given cluster address).
+
+    Ray Train collects worker reports every 0.2 s instead of 2 s (a report per SFT step otherwise costs
+    2 s). Ray Train's placement-group cleaner finds the state API through RAY_API_SERVER_ADDRESS, else by
+    discovering "the" local cluster, which on a machine running another Ray instance can be the wrong one
+    (it then removes this job's placement groups): pin it to this instance's dashboard port."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    from afd_ray.workers.group import free_port
+
+    with socket.socket() as s:
+        port = 8265 if s.connect_ex(("127.0.0.1", 8265)) != 0 else free_port()
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    return port
+
+
 def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        port = local_ray_env()
         # Under `ray job submit` RAY_ADDRESS points at the cluster; plain `python` starts a local instance.
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                 **({"dashboard_port": port} if port else {}))
 
 
 def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print) -> RunDir:
@@ -230,6 +252,9 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         if not (rd.path / "config.yaml").is_file():
             raise FileNotFoundError(f"--resume {resume}: not a run directory (no config.yaml)")
         saved = load_config(str(rd.path / "config.yaml"))
+        if saved.run.method not in ("irl", "aihf"):
+            raise ConfigError(f"--resume continues irl and aihf runs; {rd.path} is a {saved.run.method} run "
+                              "(an SFT job resumes when run again with the same run.name)")
         if cfg is not None:  # allow a longer schedule or a different stop point on resume
             saved.run.iterations, saved.run.stop_after = cfg.run.iterations, cfg.run.stop_after
         cfg = saved
@@ -240,13 +265,20 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
     initial = resolve_model_path(cfg.model.policy)
     tokenizer = load_tokenizer(initial)
     train, heldout = build_data(cfg, tokenizer)
-    state = LoopState(cursor=DataCursor(len(train), seed=cfg.run.seed))
+    prefs = None
+    if cfg.run.method == "aihf":
+        from afd_ray.methods.baselines import build_preferences
+
+        prefs = PreferenceData(*build_preferences(cfg, tokenizer))
+    state = LoopState(cursor=DataCursor(len(train), seed=cfg.run.seed),
+                      pref_cursor=DataCursor(len(prefs.train), seed=cfg.run.seed + 1) if prefs else None)
     policy_path, reward_path = initial, resolve_model_path(cfg.model.reward) if cfg.model.reward else initial
     last = rd.latest()
     if last is not None:
         t, path = last
         loop = torch.load(path / "loop.pt", weights_only=False)
-        state = LoopState(cursor=DataCursor(**loop["cursor"]), replay=PairReplay(loop["replay"]), iteration=t)
+        state = LoopState(cursor=DataCursor(**loop["cursor"]), replay=PairReplay(loop["replay"]), iteration=t,
+                          pref_cursor=DataCursor(**loop["pref_cursor"]) if loop.get("pref_cursor") else None)
         policy_path, reward_path = str(path / "policy"), str(path / "reward")
         rd.truncate_metrics(t)
         echo(f"resuming {rd.path} after iteration {t}")
@@ -265,7 +297,7 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         end = cfg.run.iterations if not cfg.run.stop_after else min(cfg.run.iterations,
                                                                       state.iteration + cfg.run.stop_after)
         for t in range(state.iteration + 1, end + 1):
-            m = irl_iteration(t, cfg, train, heldout, c, state)
+            m = irl_iteration(t, cfg, train, heldout, c, state, prefs=prefs)
             t0 = time.perf_counter()
             save_checkpoint(rd, system, state, t, initial, cfg.run.keep_checkpoints)
             m["time/checkpoint"] = time.perf_counter() - t0
@@ -301,7 +333,8 @@ def save_checkpoint(rd: RunDir, system: System, state: LoopState, t: int, tokeni
     tmp = rd.begin(t)
     system.handles["policy"].save(str(tmp / "policy_state"), str(tmp / "policy"), tokenizer_path)
     system.handles["reward"].save(str(tmp / "reward_state"), str(tmp / "reward"), tokenizer_path)
-    torch.save({"cursor": asdict(state.cursor), "replay": state.replay.pairs, "iteration": t}, tmp / "loop.pt")
+    torch.save({"cursor": asdict(state.cursor), "replay": state.replay.pairs, "iteration": t,
+                "pref_cursor": asdict(state.pref_cursor) if state.pref_cursor else None}, tmp / "loop.pt")
     rd.commit(t, tmp, keep)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from afd_ray.data.tokenize import Encoded
+from afd_ray.data.tokenize import Encoded, EncodedPreference
 
 LENGTH = 8
 PROMPT_DIGITS = 4
@@ -44,6 +44,37 @@ def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.
             y.append(pool[int(torch.randint(0, len(pool), (), generator=g))])
         prompt = [tokenizer.bos_token_id] + [digits[d] for d in x] + [sep]
         out.append(Encoded(prompt, [digits[d] for d in y] + [tokenizer.eos_token_id], False, "toy", i))
+    return out
+
+
+def make_preferences(tokenizer, n: int, seed: int = 0) -> list[EncodedPreference]:
+    """n preference triples (prompt, chosen, rejected) ranked by the golden reward: two responses per
+    prompt, each drawn with its own parity-match probability in [0.2, 0.95]; the higher golden reward is
+    chosen (ties are redrawn). Held-out pairs of this kind measure reward accuracy against the golden rule."""
+    digits = digit_ids(tokenizer)
+    sep = tokenizer.convert_tokens_to_ids(":")
+    g = torch.Generator().manual_seed(10_000 + seed)
+
+    def response(parity: int) -> list[int]:
+        p = 0.2 + 0.75 * float(torch.rand((), generator=g))
+        y = []
+        for _ in range(LENGTH):
+            match = bool(torch.rand((), generator=g) < p)
+            pool = [d for d in range(10) if (d % 2 == parity) == match]
+            y.append(pool[int(torch.randint(0, len(pool), (), generator=g))])
+        return y
+
+    out = []
+    while len(out) < n:
+        x = torch.randint(0, 10, (PROMPT_DIGITS,), generator=g).tolist()
+        a, b = response(x[0] % 2), response(x[0] % 2)
+        hits = [sum(d % 2 == x[0] % 2 for d in y) for y in (a, b)]
+        if hits[0] == hits[1]:
+            continue
+        chosen, rejected = (a, b) if hits[0] > hits[1] else (b, a)
+        prompt = [tokenizer.bos_token_id] + [digits[d] for d in x] + [sep]
+        out.append(EncodedPreference(prompt, [digits[d] for d in chosen] + [tokenizer.eos_token_id],
+                                     [digits[d] for d in rejected] + [tokenizer.eos_token_id], "toy", len(out)))
     return out
 
 

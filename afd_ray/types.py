@@ -63,7 +63,7 @@ class PolicyBatch:
     seqs: the sequences; advantages: (B,) sequence advantages for pg; old_logp / ref_logp: per sequence
     lists of per-token log-probs (sampler's / reference's) over the response; kl_coef: KL-in-loss weight
     (0 when the KL is folded into the reward); ref_seq_logp: (B,) reference sequence log-probs for dpo;
-    beta: the DPO beta; nll_coef: weight of the chosen responses' per-token NLL added to the DPO loss (RPO).
+    beta: the DPO beta (IPO's tau for loss_type "ipo"); loss_type: "dpo" or "ipo"; nll_coef: weight of the chosen responses' per-token NLL added to the DPO loss (RPO).
     """
 
     objective: str
@@ -75,6 +75,7 @@ class PolicyBatch:
     kl_estimator: str = "k3"
     ref_seq_logp: torch.Tensor | None = None
     beta: float = 0.1
+    loss_type: str = "dpo"
     nll_coef: float = 0.0
     clip_eps: float = 0.2
     dual_clip: float | None = None

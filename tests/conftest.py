@@ -36,6 +36,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from afd_ray.run import local_ray_env
+
+        local_ray_env()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray

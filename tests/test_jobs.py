@@ -19,10 +19,10 @@ def test_bad_override_exits_2_with_the_key():
     assert out.returncode == 2 and "policy.algo='ppo2' is not allowed" in out.stderr
 
 
-def test_methods_not_built_yet_say_so():
-    out = subprocess.run([sys.executable, str(JOB), "--config", "cpu", "run.method=sft"], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 2 and "run.method='sft' is not available in this version" in out.stderr
+def test_a_job_for_one_method_refuses_another():
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "sft.py"), "--config", "cpu", "run.method=dpo"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "this job runs run.method=sft; got run.method=dpo" in out.stderr
 
 
 def test_help_config_lists_keys():

@@ -139,6 +139,7 @@ def ipo_loss(
     ref_logp_chosen_B: torch.Tensor,
     ref_logp_rejected_B: torch.Tensor,
     beta: float,
+    denom: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """IPO (Azar et al.): the squared variant of Eq. 18 that does not push the margin to infinity,
 
@@ -147,7 +148,7 @@ def ipo_loss(
     Inputs as for ``dpo_loss``; beta plays the role of IPO's tau. Returns (loss, stats).
     """
     lr_w, lr_l = _logratio_margin(logp_chosen_B, logp_rejected_B, ref_logp_chosen_B, ref_logp_rejected_B)
-    loss = (lr_w - lr_l - 1.0 / (2.0 * beta)).square().mean()
+    loss = batch_mean((lr_w - lr_l - 1.0 / (2.0 * beta)).square(), denom)
     return loss, _pair_stats(beta * lr_w, beta * lr_l)
 
 

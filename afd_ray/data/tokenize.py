@@ -47,6 +47,17 @@ class Encoded:
     row: int | str | None = None
 
 
+@dataclass
+class EncodedPreference:
+    """One tokenised (x, y_w, y_l): chosen y_w preferred to rejected y_l, both ending with end of turn."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str = ""
+    row: int | str | None = None
+
+
 def render_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the chat template applied to ``messages`` with the generation prompt appended."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -117,6 +128,30 @@ def encode_demonstrations(tokenizer, demos: Sequence[Demonstration], rules: Trun
             raise
     if not out:
         raise DataError("demonstrations", None, None, f"every demonstration was skipped ({dict(skipped)})",
+                        "empty_dataset")
+    return out, dict(skipped)
+
+
+def encode_preferences(tokenizer, prefs: Sequence, rules: TruncationRules
+                       ) -> tuple[list[EncodedPreference], dict[str, int]]:
+    """Tokenise preference triples under ``rules`` (both responses as ``encode_demonstration`` would)."""
+    from afd_ray.data.schema import Demonstration
+
+    out, skipped = [], Counter()
+    for p in prefs:
+        try:
+            w = encode_demonstration(tokenizer, Demonstration(p.prompt, p.chosen, p.source, p.row), rules)
+            lo = encode_demonstration(tokenizer, Demonstration(p.prompt, p.rejected, p.source, p.row), rules)
+        except DataError as e:
+            policy = {"prompt_too_long": rules.prompt_overflow, "response_too_long": rules.response_overflow}
+            policy = policy.get(e.kind, rules.on_bad_row)
+            if policy in ("skip", "drop_turns"):
+                skipped[e.kind] += 1
+                continue
+            raise
+        out.append(EncodedPreference(w.prompt_ids, w.response_ids, lo.response_ids, p.source, p.row))
+    if not out:
+        raise DataError("preferences", None, None, f"every preference pair was skipped ({dict(skipped)})",
                         "empty_dataset")
     return out, dict(skipped)
 

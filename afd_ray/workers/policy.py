@@ -86,11 +86,13 @@ class PolicyLearner(DeepSpeedRank):
                 return seq_logp.sum() * 0, {}
             r = torch.tensor([ref[rows[2 * i]] for i in pair_idx] + [ref[rows[2 * i + 1]] for i in pair_idx],
                              device=self.device).view(2, -1)
-            loss, st = losses.dpo_loss(seq_logp[0::2], seq_logp[1::2], r[0], r[1], batch.beta, denom=denom)
+            pair_loss = losses.ipo_loss if batch.loss_type == "ipo" else losses.dpo_loss
+            loss, st = pair_loss(seq_logp[0::2], seq_logp[1::2], r[0], r[1], batch.beta, denom=denom)
             if batch.nll_coef:  # RPO: keep the chosen responses likely while the margin grows
                 nll_B = -seq_logp[0::2] / mask[0::2].sum(1).clamp(min=1)
                 loss = loss + batch.nll_coef * batch_mean(nll_B, denom)
-            return loss, {"accuracy": float(st["accuracy"]) * len(pair_idx) / n_pairs}
+            return loss, {"accuracy": float(st["accuracy"]) * len(pair_idx) / n_pairs,
+                          "margin": float((st["reward_chosen"] - st["reward_rejected"]).sum()) / n_pairs}
 
         return self._step(micro, len(mine))
 
