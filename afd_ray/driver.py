@@ -34,6 +34,7 @@ class Collaborators:
     reference: Any  # logprobs(SequenceBatch) -> per-token lists
     sync: Callable[[], dict[str, float]]  # push theta to the engines and check them
     golden: Callable[[list[list[int]], list[list[int]]], list[float]] | None = None
+    critic: Any = None  # values(SequenceBatch) -> per-token lists; update(seqs, returns, old_values, clip, coef)
 
 
 @dataclass
@@ -158,21 +159,36 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
     with phase("policy"):  # Eq. 21b
         steps = cfg.policy.epochs * cfg.policy.mini_batches
         old = c.policy.logprobs(seqs) if cfg.policy.algo == "ppo" or steps > 1 else None
+        values = c.critic.values(seqs) if cfg.critic.enabled else None
         batch, credit = policy_batch(cfg.policy.algo, samples, reward, ref_logp, beta=cfg.policy.beta,
                                      kl_estimator=cfg.policy.kl_estimator, kl_in_reward=cfg.policy.kl_in_reward,
                                      clip_eps=cfg.policy.clip_eps, dual_clip=cfg.policy.dual_clip,
                                      dpo_beta=cfg.policy.dpo_beta, dpo_min_gap=cfg.policy.dpo_min_gap,
-                                     rpo_alpha=cfg.policy.rpo_alpha,
-                                     old_logp=old)
+                                     rpo_alpha=cfg.policy.rpo_alpha, old_logp=old, values=values,
+                                     gamma=cfg.critic.gamma, lam=cfg.critic.lam)
         stats = {}  # stays empty when there is nothing to learn from (online_dpo: every group tied)
         for _ in range(cfg.policy.epochs):
             for part in batch.split(cfg.policy.mini_batches):
                 stats = c.policy.update(part)
         m.update({f"policy/{k}": v for k, v in stats.items()})
         m.update({f"rollout/{k}": v for k, v in credit.items()})
+    if values is not None:
+        with phase("critic"):  # the value model regresses onto the GAE returns, clipped around V_old
+            stats = {}
+            for _ in range(cfg.policy.epochs):
+                for lo, hi in _parts(len(seqs), cfg.policy.mini_batches):
+                    stats = c.critic.update(SequenceBatch(seqs.prompts[lo:hi], seqs.responses[lo:hi]),
+                                            batch.returns[lo:hi], values[lo:hi], cfg.critic.value_clip,
+                                            cfg.critic.vf_coef)
+            m.update({f"critic/{k}": v for k, v in stats.items()})
     with phase("sync"):
         m.update({f"sync/{k}": v for k, v in c.sync().items()})
     return m
+
+
+def _parts(n: int, parts: int) -> list[tuple[int, int]]:
+    """The contiguous row ranges of ``PolicyBatch.split`` (pg objective)."""
+    return [(k * n // parts, (k + 1) * n // parts) for k in range(parts) if (k + 1) * n // parts > k * n // parts]
 
 
 def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: Collaborators) -> dict[str, float]:

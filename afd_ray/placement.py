@@ -17,6 +17,7 @@ from afd_ray.config import Config
 
 CPU_SHARE = 0.1  # Ray CPU accounting per actor on a CPU-only run (they all share the node's cores)
 COLOCATED_GPU_SHARE = {"policy": 0.4, "rollout": 0.3, "reward": 0.2, "reference": 0.1}
+COLOCATED_GPU_SHARE_CRITIC = {"policy": 0.3, "rollout": 0.3, "reward": 0.15, "critic": 0.15, "reference": 0.1}
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Plan:
         return sum(b.get("GPU", 0) for bundles in self.groups.values() for b in bundles)
 
 
-def plan(cfg: Config, roles: tuple[str, ...] = ("rollout", "policy", "reward", "reference")) -> Plan:
+def plan(cfg: Config, roles: tuple[str, ...] = ("rollout", "policy", "reward", "reference", "critic")) -> Plan:
     """The placement of ``roles`` (a recipe that needs fewer actors reserves fewer resources)."""
     full = _plan(cfg)
     keep = {slot.group for role in roles for slot in full.roles.get(role, [])}
@@ -51,6 +52,8 @@ def plan(cfg: Config, roles: tuple[str, ...] = ("rollout", "policy", "reward", "
 def _plan(cfg: Config) -> Plan:
     counts = {"rollout": cfg.rollout.num_workers, "policy": cfg.policy.world_size,
               "reward": cfg.reward.world_size, "reference": 1}
+    if cfg.critic.enabled:
+        counts["critic"] = cfg.critic.world_size
     if cfg.run.device == "cpu":
         p = Plan("cpu")
         for role, n in counts.items():
@@ -60,14 +63,15 @@ def _plan(cfg: Config) -> Plan:
     tp = cfg.rollout.tensor_parallel_size
     if cfg.run.colocate:
         n = cfg.policy.world_size
-        if cfg.rollout.num_workers * tp != n or cfg.reward.world_size != n:
+        if cfg.rollout.num_workers * tp != n or cfg.reward.world_size != n or counts.get("critic", n) != n:
             raise ValueError(
                 f"colocate shares {n} GPUs (policy.world_size) between roles: rollout.num_workers * "
-                f"rollout.tensor_parallel_size ({cfg.rollout.num_workers} * {tp}) and reward.world_size "
-                f"({cfg.reward.world_size}) must both equal {n}")
+                f"rollout.tensor_parallel_size ({cfg.rollout.num_workers} * {tp}), reward.world_size "
+                f"({cfg.reward.world_size}) and critic.world_size (with a critic) must all equal {n}")
+        shares = COLOCATED_GPU_SHARE_CRITIC if cfg.critic.enabled else COLOCATED_GPU_SHARE
         p = Plan("colocate", groups={"colocated": [{"GPU": 1, "CPU": 2}] * n})
         for role, count in counts.items():
-            share = COLOCATED_GPU_SHARE[role] * (tp if role == "rollout" else 1)
+            share = shares[role] * (tp if role == "rollout" else 1)
             p.roles[role] = [Slot("colocated", i * (tp if role == "rollout" else 1), {"GPU": share, "CPU": 0.25})
                              for i in range(count)]
         return p
@@ -79,4 +83,7 @@ def _plan(cfg: Config) -> Plan:
     p.roles["reference"] = [Slot("policy", 0, {"GPU": 0.2, "CPU": 1})]
     p.groups["reward"] = [{"GPU": 1, "CPU": 1}] * cfg.reward.world_size
     p.roles["reward"] = [Slot("reward", i, {"GPU": 1, "CPU": 1}) for i in range(cfg.reward.world_size)]
+    if cfg.critic.enabled:
+        p.groups["critic"] = [{"GPU": 1, "CPU": 1}] * cfg.critic.world_size
+        p.roles["critic"] = [Slot("critic", i, {"GPU": 1, "CPU": 1}) for i in range(cfg.critic.world_size)]
     return p

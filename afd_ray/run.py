@@ -132,7 +132,7 @@ def load_golden(spec: str, tokenizer):
 
 # ---- actors ----------------------------------------------------------------------------------------------
 
-ROLES = ("rollout", "policy", "reward", "reference")
+ROLES = ("rollout", "policy", "reward", "reference")  # and "critic" for ppo with a critic
 
 
 class System:
@@ -166,7 +166,7 @@ class System:
         max_len = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_response_tokens) + 8
         common = dict(dtype=cfg.model.dtype, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
                       seed=cfg.run.seed, device=cfg.run.device, pad_token_id=pad)
-        self.rollout = self.policy = self.reward = self.reference = None
+        self.rollout = self.policy = self.reward = self.reference = self.critic = None
         if "rollout" in roles:
             self.rollout = ActorGroup(
                 RolloutWorker, p, "rollout", self.groups, paths["rollout"], dtype=cfg.model.dtype,
@@ -192,7 +192,16 @@ class System:
                                         dtype=cfg.model.dtype, micro_batch_size=cfg.policy.micro_batch_size,
                                         pad_token_id=pad, device=cfg.run.device)
             self.handles["reference"] = handles.Reference(self.reference)
-        self.actor_groups = [g for g in (self.rollout, self.policy, self.reward, self.reference) if g is not None]
+        if "critic" in roles:
+            from afd_ray.workers.critic import CriticLearner
+
+            self.critic = ActorGroup(CriticLearner, p, "critic", self.groups, LearnerSpec(
+                paths["critic"], lr=cfg.critic.lr, grad_clip=cfg.policy.grad_clip, zero_stage=cfg.critic.zero_stage,
+                micro_batch_size=cfg.critic.micro_batch_size, freeze_layers=cfg.reward.freeze_layers, **common),
+                ranked=True, env=learner_env)
+            self.handles["critic"] = handles.CriticGroup(self.critic)
+        self.actor_groups = [g for g in (self.rollout, self.policy, self.reward, self.reference, self.critic)
+                             if g is not None]
         if self.policy is not None and self.rollout is not None:
             probe_batch = SequenceBatch([e.prompt_ids for e in probe], [e.response_ids for e in probe])
             self.sync = handles.WeightSync(self.policy, self.rollout, probe_batch, cfg.run.sync_check_tol,
@@ -202,7 +211,7 @@ class System:
         h = self.handles
         return Collaborators(rollout=h.get("rollout"), policy=h.get("policy"), reward=h.get("reward"),
                              reference=h.get("reference"), sync=self.sync.sync if self.sync else None,
-                             golden=golden)
+                             golden=golden, critic=h.get("critic"))
 
     def shutdown(self) -> None:
         import ray
@@ -283,15 +292,21 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         rd.truncate_metrics(t)
         echo(f"resuming {rd.path} after iteration {t}")
     reference_path = resolve_model_path(cfg.model.reference) if cfg.model.reference else initial
+    paths = {"rollout": policy_path, "policy": policy_path, "reward": reward_path, "reference": reference_path}
+    roles = ROLES
+    if cfg.critic.enabled:
+        roles = ROLES + ("critic",)
+        paths["critic"] = (str(last[1] / "critic") if last is not None else
+                           resolve_model_path(cfg.critic.model) if cfg.critic.model else reward_path)
     ensure_ray()
-    system = System(cfg, {"rollout": policy_path, "policy": policy_path, "reward": reward_path,
-                             "reference": reference_path}, tokenizer, heldout[:4])
+    system = System(cfg, paths, tokenizer, heldout[:4], roles=roles)
     try:
         if last is not None:
             import ray
 
             ray.get(system.policy.run("load", str(last[1] / "policy_state"))
-                    + system.reward.run("load", str(last[1] / "reward_state")))
+                    + system.reward.run("load", str(last[1] / "reward_state"))
+                    + (system.critic.run("load", str(last[1] / "critic_state")) if system.critic else []))
         system.sync.check()  # the engines start from the same weights as the learner: prove it
         c = system.collaborators(load_golden(cfg.run.golden_reward, tokenizer))
         end = cfg.run.iterations if not cfg.run.stop_after else min(cfg.run.iterations,
@@ -333,6 +348,8 @@ def save_checkpoint(rd: RunDir, system: System, state: LoopState, t: int, tokeni
     tmp = rd.begin(t)
     system.handles["policy"].save(str(tmp / "policy_state"), str(tmp / "policy"), tokenizer_path)
     system.handles["reward"].save(str(tmp / "reward_state"), str(tmp / "reward"), tokenizer_path)
+    if "critic" in system.handles:
+        system.handles["critic"].save(str(tmp / "critic_state"), str(tmp / "critic"), tokenizer_path)
     torch.save({"cursor": asdict(state.cursor), "replay": state.replay.pairs, "iteration": t,
                 "pref_cursor": asdict(state.pref_cursor) if state.pref_cursor else None}, tmp / "loop.pt")
     rd.commit(t, tmp, keep)

@@ -63,6 +63,8 @@ class PolicyBatch:
     seqs: the sequences; advantages: (B,) sequence advantages for pg; old_logp / ref_logp: per sequence
     lists of per-token log-probs (sampler's / reference's) over the response; kl_coef: KL-in-loss weight
     (0 when the KL is folded into the reward); ref_seq_logp: (B,) reference sequence log-probs for dpo;
+    token_advantages: per sequence lists of per-token advantages (ppo with a critic; used instead of
+    ``advantages``); returns: per-token value targets that came with them (for the critic's update);
     beta: the DPO beta (IPO's tau for loss_type "ipo"); loss_type: "dpo" or "ipo"; nll_coef: weight of the chosen responses' per-token NLL added to the DPO loss (RPO).
     """
 
@@ -79,6 +81,8 @@ class PolicyBatch:
     nll_coef: float = 0.0
     clip_eps: float = 0.2
     dual_clip: float | None = None
+    token_advantages: list[list[float]] | None = None
+    returns: list[list[float]] | None = None
 
     def split(self, parts: int) -> list[PolicyBatch]:
         """``parts`` mini-batches of contiguous rows (whole DPO pairs; with prompt-major samples and
@@ -96,6 +100,8 @@ class PolicyBatch:
                 advantages=None if self.advantages is None else self.advantages[pick],
                 old_logp=None if self.old_logp is None else self.old_logp[lo:hi],
                 ref_logp=None if self.ref_logp is None else self.ref_logp[lo:hi],
+                token_advantages=None if self.token_advantages is None else self.token_advantages[lo:hi],
+                returns=None if self.returns is None else self.returns[lo:hi],
                 ref_seq_logp=None if self.ref_seq_logp is None else self.ref_seq_logp[pick]))
         return out
 

@@ -7,7 +7,13 @@ import sys
 import pytest
 import torch
 
-from afd_ray.algo.advantages import grpo_advantages, kl_shaped_reward, rloo_advantages
+from afd_ray.algo.advantages import (
+    gae_advantages,
+    grpo_advantages,
+    kl_shaped_reward,
+    rloo_advantages,
+    token_rewards,
+)
 from afd_ray.algo.kl import kl_per_token
 from afd_ray.algo.losses import (
     aihf_reward_loss,
@@ -345,3 +351,32 @@ def test_global_denominator_makes_shards_sum_to_the_full_loss():
     parts = sum(dpo_loss(logp[i::3, 0], logp[i::3, 1], logp[i::3, 2], logp[i::3, 3], beta=0.5, denom=6)[0]
                 for i in range(3))
     assert parts.item() == pytest.approx(full_dpo.item(), rel=1e-6)
+
+
+def test_gae_by_hand():
+    # one sequence of 3 tokens, gamma 1, lambda 0.5; rewards (0, 0, 1), values (0.5, 0.25, 0.75)
+    r, v, m = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.25, 0.75]]), torch.ones(1, 3)
+    adv, ret = gae_advantages(r, v, m, gamma=1.0, lam=0.5)
+    d = [0 + 0.25 - 0.5, 0 + 0.75 - 0.25, 1 + 0 - 0.75]  # delta_t = r_t + V_{t+1} - V_t
+    want = [d[0] + 0.5 * d[1] + 0.25 * d[2], d[1] + 0.5 * d[2], d[2]]
+    assert adv[0].tolist() == pytest.approx(want)
+    assert ret[0].tolist() == pytest.approx([a + b for a, b in zip(want, [0.5, 0.25, 0.75])])
+    # lambda = 1, gamma = 1: the advantage is the return-to-go minus V (Monte Carlo)
+    adv1, _ = gae_advantages(r, v, m, 1.0, 1.0)
+    assert adv1[0].tolist() == pytest.approx([1 - 0.5, 1 - 0.25, 1 - 0.75])
+
+
+def test_gae_ignores_padding_after_the_response():
+    r = torch.tensor([[0.0, 2.0, 9.0], [0.0, 0.0, 1.0]])
+    v = torch.tensor([[1.0, 1.0, 9.0], [0.0, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv, ret = gae_advantages(r, v, m, gamma=1.0, lam=1.0)
+    assert adv[0].tolist() == pytest.approx([2 - 1, 2 - 1, 0.0])  # position 2 (padding) neither adds nor counts
+    assert ret[0, 2] == 0
+
+
+def test_token_rewards_put_r_at_the_last_token_and_the_kl_everywhere():
+    logp, ref = torch.tensor([[-1.0, -1.0, 0.0]]), torch.tensor([[-2.0, -1.5, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    r = token_rewards(torch.tensor([3.0]), logp, ref, m, beta=0.1, estimator="k1")
+    assert r[0].tolist() == pytest.approx([-0.1, -0.05 + 3.0, 0.0])

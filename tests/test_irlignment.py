@@ -100,3 +100,23 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local,
     finally:
         system.shutdown()
     assert selected == plain.response_ids
+
+
+@pytest.mark.slow
+def test_ppo_with_a_critic_raises_the_fixed_learned_reward(ray_local, toy_init, toy_sft, tmp_path):
+    """Inverse-RLignment's optional RL stage with PPO + critic + GAE: with the discriminator fixed, the
+    policy's own objective (the learned reward of its samples) goes up and the critic tracks it."""
+    from afd_ray.config import load_config
+    from afd_ray.run import run
+
+    cfg = load_config("toy", ["run.method=inverse_rlignment", f"model.policy={toy_init}", f"model.sft={toy_sft}",
+                              f"run.output_dir={tmp_path}", "run.name=rl", "bon.n=1", "bon.rm_epochs=3",
+                              "reward.lr=1e-3", "bon.rl_iterations=5", "policy.algo=ppo", "critic.enabled=true",
+                              "critic.lr=1e-3", "policy.lr=5e-4"])
+    rd = run(cfg, echo=lambda *_: None)
+    ms = rd.metrics()
+    rewards = [m["rollout/reward"] for m in ms]
+    assert sum(rewards[-2:]) / 2 > rewards[0] + 0.1, rewards
+    assert all(0 <= m["critic/value_mse"] < 1.0 for m in ms), [m["critic/value_mse"] for m in ms]
+    assert all("rollout/return" in m and "policy/clipfrac" in m for m in ms)
+    assert (rd.path / "rl_policy" / "model.safetensors").is_file()

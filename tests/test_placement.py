@@ -39,3 +39,15 @@ def test_colocate_needs_matching_world_sizes():
 def test_tensor_parallel_engines_take_whole_gpus():
     p = plan(load_config("ultrachat-8gpu", ["rollout.tensor_parallel_size=2"]))
     assert all(b["GPU"] == 2 for b in p.groups["rollout"]) and p.gpus() == 10
+
+
+def test_a_critic_gets_its_own_ranks_and_fits_the_colocated_gpus():
+    cpu = plan(load_config("cpu", ["policy.algo=ppo", "critic.enabled=true"]))
+    assert len(cpu.roles["critic"]) == 1 and "critic" not in plan(load_config("cpu")).roles
+    p = plan(load_config("ultrachat-2gpu", ["policy.algo=ppo", "critic.enabled=true", "critic.world_size=2"]))
+    for bundle in range(2):
+        share = sum(s.resources["GPU"] for slots in p.roles.values() for s in slots if s.bundle == bundle)
+        assert share <= 1.0 + 1e-9
+    sep = plan(load_config("ultrachat-8gpu", ["policy.algo=ppo", "critic.enabled=true", "critic.world_size=2"]))
+    assert sep.gpus() == 10 and len(sep.groups["critic"]) == 2
+    assert "critic" not in plan(load_config("cpu", ["policy.algo=ppo", "critic.enabled=true"]), ("policy",)).roles

@@ -73,20 +73,22 @@ def test_sync_makes_vllm_greedy_equal_learner_greedy(ray_local, toy_sft, tokeniz
 def test_every_policy_algo_and_reward_loss_runs_on_real_actors(ray_local, toy_sft, tokenizer):
     """One iteration each of grpo, reinforce, ppo (ZeRO-2, world size 2) and of the discriminator reward
     loss, on one set of actors; each step moves its own objective and keeps the engines in sync."""
-    from afd_ray.driver import Collaborators, LoopState, irl_iteration
+    from afd_ray.driver import LoopState, irl_iteration
     from afd_ray.replay import DataCursor
     from afd_ray.run import load_golden
 
     base = ["model.policy=" + str(toy_sft), "policy.world_size=2", "rollout.prompts_per_iteration=8",
-            "data.heldout=8", "policy.micro_batch_size=16", "reward.lr=1e-3"]
+            "data.heldout=8", "policy.micro_batch_size=16", "reward.lr=1e-3", "critic.world_size=2",
+            "critic.micro_batch_size=16"]
     demos = make_demonstrations(tokenizer, 200, seed=3)
-    system = System(load_config("toy", base), dict.fromkeys(ROLES, str(toy_sft)), tokenizer, demos[:4])
+    system = System(load_config("toy", base + ["policy.algo=ppo", "critic.enabled=true"]),
+                    dict.fromkeys(ROLES + ("critic",), str(toy_sft)), tokenizer, demos[:4], roles=ROLES + ("critic",))
     try:
-        c = Collaborators(**system.handles, sync=system.sync.sync, golden=load_golden("afd_ray.toy:golden_reward",
-                                                                                          tokenizer))
+        c = system.collaborators(load_golden("afd_ray.toy:golden_reward", tokenizer))
         state = LoopState(cursor=DataCursor(192, seed=0))
         variants = [["policy.algo=grpo", "policy.kl_in_reward=false"], ["policy.algo=reinforce"],
-                    ["policy.algo=ppo", "policy.epochs=2"], ["reward.loss=discriminator"]]
+                    ["policy.algo=ppo", "policy.epochs=2"], ["reward.loss=discriminator"],
+                    ["policy.algo=ppo", "critic.enabled=true", "policy.mini_batches=2"]]
         for t, extra in enumerate(variants, start=1):
             cfg = load_config("toy", base + extra)
             m = irl_iteration(t, cfg, demos[8:], demos[:8], c, state)
@@ -96,6 +98,8 @@ def test_every_policy_algo_and_reward_loss_runs_on_real_actors(ray_local, toy_sf
                 assert "policy/kl" in m  # KL in the loss (Protocol 8)
             if "policy.algo=ppo" in extra:
                 assert m["policy/clipfrac"] >= 0.0
+            if "critic.enabled=true" in extra:  # the critic group (world size 2) regressed onto GAE returns
+                assert m["critic/grad_norm"] > 0 and "rollout/return" in m
         # the reward learner separates demonstrations from samples after these steps
         assert m["reward/accuracy"] > 0.5
     finally:

@@ -64,3 +64,40 @@ def grpo_advantages(
     if scale:
         centred_PN = centred_PN / (r_PN.std(1, keepdim=True) + eps)
     return centred_PN.reshape(-1).detach()
+
+
+def token_rewards(reward_B: torch.Tensor, logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, mask_BT: torch.Tensor,
+                  beta: float, estimator: str = "k1") -> torch.Tensor:
+    """Per-token rewards for PPO with a critic (seeds/004 Protocol 5 in token form, as in the TL;DR setup
+    of seeds/002): r_t = -beta * KL_t at every response token, plus r(x, y) at the last one.
+
+    reward_B: (B,); logp_BT, ref_logp_BT, mask_BT: (B, T) over response tokens (left-aligned, mask 1 on
+    the response). Returns (B, T), zero where mask is 0, detached.
+    """
+    r_BT = -beta * kl_per_token(logp_BT, ref_logp_BT, estimator) * mask_BT
+    last_B = (mask_BT.sum(1).long() - 1).clamp(min=0)
+    r_BT = r_BT.clone()
+    r_BT[torch.arange(r_BT.shape[0]), last_B] += reward_B.float() * (mask_BT.sum(1) > 0)
+    return r_BT.detach()
+
+
+def gae_advantages(reward_BT: torch.Tensor, value_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (Schulman et al. 2016):
+
+        delta_t = r_t + gamma * V_{t+1} - V_t   (V after the last token = 0),
+        A_t = sum_l (gamma * lam)^l * delta_{t+l},   returns R_t = A_t + V_t (the critic's target).
+
+    reward_BT, value_BT, mask_BT: (B, T), response tokens left-aligned (mask is a prefix of ones).
+    Returns (advantages_BT, returns_BT), zero outside the mask, detached.
+    """
+    r, v, m = reward_BT.float(), value_BT.float() * mask_BT, mask_BT.float()
+    B, T = r.shape
+    adv = torch.zeros_like(r)
+    last = torch.zeros(B, dtype=r.dtype, device=r.device)
+    for t in reversed(range(T)):
+        next_v = v[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        last = (delta + gamma * lam * last) * m[:, t]
+        adv[:, t] = last
+    return adv.detach(), ((adv + v) * m).detach()

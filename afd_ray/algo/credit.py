@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from afd_ray.algo.advantages import grpo_advantages, kl_shaped_reward, rloo_advantages
+from afd_ray.algo.advantages import (
+    gae_advantages,
+    grpo_advantages,
+    kl_shaped_reward,
+    rloo_advantages,
+    token_rewards,
+)
 from afd_ray.algo.selection import select_online_dpo_pairs
 from afd_ray.types import PolicyBatch, Samples, SequenceBatch
 
@@ -30,8 +36,9 @@ def sequences(samples: Samples) -> SequenceBatch:
 
 def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: list[list[float]], *, beta: float,
                  kl_estimator: str = "k1", kl_in_reward: bool = True, clip_eps: float = 0.2,
-                 dual_clip: float = 0.0, dpo_beta: float = 0.1, dpo_min_gap: float = 0.0, rpo_alpha: float = 0.0, old_logp: list[list[float]] | None = None
-                 ) -> tuple[PolicyBatch, dict[str, float]]:
+                                  dual_clip: float = 0.0, dpo_beta: float = 0.1, dpo_min_gap: float = 0.0, rpo_alpha: float = 0.0,
+                 old_logp: list[list[float]] | None = None, values: list[list[float]] | None = None,
+                 gamma: float = 1.0, lam: float = 0.95) -> tuple[PolicyBatch, dict[str, float]]:
     """Credit assignment for ``algo``. Returns the batch and the statistics it was built from.
 
     rloo / grpo / reinforce / ppo: with ``kl_in_reward`` the sequence reward becomes
@@ -40,6 +47,9 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
     itself. With ``old_logp`` (learner log-probs before the update: ppo, or several optimizer steps per
     iteration) the ratio to it is clipped; without, the step is on-policy and the ratio is exactly 1.
     online_dpo: best vs worst sample of each prompt by reward, DPO loss against pi_ref.
+    ppo with ``values`` (a critic's V per response token): token rewards -beta * KL_t plus r at the last
+    token, GAE(gamma, lam) advantages whitened over the batch; the batch also carries the returns (the
+    critic's targets) in ``returns``.
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown policy algo {algo!r}; choose one of {ALGOS}")
@@ -65,6 +75,23 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
         adv_B = grpo_advantages(signal_B, samples.n)
     else:
         adv_B = signal_B
+    if values is not None:  # ppo with a critic: token rewards, GAE, whitened token advantages
+        if algo != "ppo":
+            raise ValueError(f"a critic's values are for policy.algo=ppo, got {algo}")
+        value_BT, _ = ragged_to_padded(values)
+        r_BT = token_rewards(reward_B, logp_BT, ref_BT, mask_BT, beta if kl_in_reward else 0.0, kl_estimator)
+        adv_BT, ret_BT = gae_advantages(r_BT, value_BT, mask_BT, gamma, lam)
+        mean = (adv_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+        var = (((adv_BT - mean) * mask_BT) ** 2).sum() / mask_BT.sum().clamp(min=1)
+        white_BT = (adv_BT - mean) / (var.sqrt() + 1e-8) * mask_BT
+        lengths = [len(v) for v in values]
+        stats |= {"value": float((value_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)),
+                  "return": float((ret_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1))}
+        batch = PolicyBatch("pg", seqs, token_advantages=[white_BT[i, :k].tolist() for i, k in enumerate(lengths)],
+                            old_logp=old_logp, ref_logp=ref_logp, kl_coef=0.0 if kl_in_reward else beta,
+                            kl_estimator="k3" if not kl_in_reward else kl_estimator, clip_eps=clip_eps,
+                            dual_clip=dual_clip or None, returns=[ret_BT[i, :k].tolist() for i, k in enumerate(lengths)])
+        return batch, stats
     batch = PolicyBatch("pg", seqs, advantages=adv_B, old_logp=old_logp,
                         ref_logp=ref_logp, kl_coef=0.0 if kl_in_reward else beta,
                         kl_estimator="k3" if not kl_in_reward else kl_estimator, clip_eps=clip_eps,

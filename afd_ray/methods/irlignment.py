@@ -272,7 +272,10 @@ def rl_on_learned_reward(cfg: Config, rd, sft_path: str, tokenizer, train, heldo
 
     rl_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, iterations=cfg.bon.rl_iterations))
     paths = dict.fromkeys(ROLES, sft_path) | {"reward": str(rd.path / "reward_model")}
-    system = System(rl_cfg, paths, tokenizer, heldout[:4])
+    roles = ROLES
+    if cfg.critic.enabled:  # ppo with a critic: the value model starts from the learned reward model
+        roles, paths["critic"] = ROLES + ("critic",), cfg.critic.model or str(rd.path / "reward_model")
+    system = System(rl_cfg, paths, tokenizer, heldout[:4], roles=roles)
     state = LoopState(cursor=DataCursor(len(train), seed=cfg.run.seed))
     try:
         c = system.collaborators(golden)

@@ -127,6 +127,15 @@ def reward_forward(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
     return reward_head(model)(pooled_BH).squeeze(-1).float()
 
 
+def token_values(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """A critic's V at every position: the scalar head on each hidden state. Returns (B, T) float32
+    (V[:, t] values the state after token t, i.e. before token t + 1 is generated)."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    backbone = getattr(base, base.base_model_prefix)
+    hidden_BTH = backbone(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
+    return reward_head(model)(hidden_BTH).squeeze(-1).float()
+
+
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     """HF-format save of a (possibly LoRA) model with merged weights, via a temp folder + rename."""
     import copy

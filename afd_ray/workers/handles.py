@@ -78,6 +78,15 @@ class RewardGroup(_LearnerGroup):
         return ray.get(self.group.run("update", ray.put(pairs), loss, margin))[0]
 
 
+class CriticGroup(_LearnerGroup):
+    def values(self, seqs: SequenceBatch) -> list[list[float]]:
+        return unshard(ray.get(self.group.run("values", ray.put(seqs))))
+
+    def update(self, seqs: SequenceBatch, returns: list[list[float]], old_values: list[list[float]],
+               clip: float = 0.0, coef: float = 1.0) -> dict[str, float]:
+        return ray.get(self.group.run("update", ray.put(seqs), ray.put(returns), ray.put(old_values), clip, coef))[0]
+
+
 class Reference:
     def __init__(self, group: ActorGroup):
         self.group = group

@@ -54,9 +54,13 @@ class PolicyLearner(DeepSpeedRank):
                 mask = mask * 0
             if batch.objective == "sft":
                 return losses.sft_loss(logp, mask, denom=denom), {}
-            adv = (batch.advantages[[mine[i] for i in idx]] if not empty else torch.zeros(1)).to(self.device)
+            if batch.token_advantages is not None:
+                adv_BT = pad_rows(batch.token_advantages, idx, b) if not empty else torch.zeros_like(logp)
+            else:
+                adv = (batch.advantages[[mine[i] for i in idx]] if not empty else torch.zeros(1)).to(self.device)
+                adv_BT = adv.view(-1, 1).expand_as(logp)
             old = pad_rows(batch.old_logp, idx, b) if batch.old_logp is not None else logp.detach()
-            loss, st = losses.ppo_clip_loss(logp, old, adv.view(-1, 1).expand_as(logp), mask, batch.clip_eps,
+            loss, st = losses.ppo_clip_loss(logp, old, adv_BT, mask, batch.clip_eps,
                                             dual_clip=batch.dual_clip, denom=denom)
             stats = {"clipfrac": float(st["clipfrac"]) * float(mask.sum()) / denom / self.world_size}
             if batch.ref_logp is not None:
