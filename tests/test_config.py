@@ -8,7 +8,9 @@ from afd_ray.config import Config, ConfigError, describe, field_docs, load_confi
 
 
 def test_presets_load():
-    assert {"cpu", "ultrachat-2gpu", "ultrachat-8gpu"} <= set(presets())
+    assert {"cpu", "ultrachat-2gpu", "ultrachat-8gpu", "hh-harmless", "hh-helpful", "tldr-ppo", "toy"} <= set(presets())
+    for name in presets():
+        load_config(name)  # every preset validates
     cpu = load_config("cpu")
     assert cpu.model.policy == "smollm2-offline" and cpu.data.demonstrations == "offline:chatterbot"
     assert load_config("ultrachat-8gpu").model.policy == "HuggingFaceH4/mistral-7b-sft-beta"

@@ -210,3 +210,18 @@ def test_left_pad_and_collate():
     assert b.shifted_mask.tolist() == [[0, 1, 0], [1, 1, 1]]
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         collate([[1], [2]], [[3]], 0)
+
+
+def test_encode_preferences_share_the_prompt_and_follow_the_rules(tokenizer):
+    from afd_ray.data.schema import Preference
+    from afd_ray.data.tokenize import encode_preferences
+
+    msgs = [{"role": "user", "content": "Is the sky blue?"}]
+    prefs = [Preference(msgs, "Yes.", "No.", "p.jsonl", 1), Preference(msgs, "Yes " * 50, "No.", "p.jsonl", 2)]
+    enc, skipped = encode_preferences(tokenizer, prefs, TruncationRules(max_response_tokens=8,
+                                                                        response_overflow="skip"))
+    assert len(enc) == 1 and skipped == {"response_too_long": 1}
+    assert tokenizer.decode(enc[0].chosen_ids) == "Yes.<|im_end|>"
+    assert tokenizer.decode(enc[0].rejected_ids) == "No.<|im_end|>"
+    with pytest.raises(DataError, match="row 2"):
+        encode_preferences(tokenizer, prefs, TruncationRules(max_response_tokens=8, response_overflow="error"))

@@ -97,3 +97,24 @@ def test_lora_trains_adapters_and_saves_merged(tiny_llama_dir, tokenizer, tmp_pa
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, expected, atol=1e-4)
     assert load_tokenizer(str(out)).pad_token_id is not None
+
+
+def test_a_base_model_without_a_chat_template_gets_the_plain_dialogue_format(smollm2_dir, tmp_path):
+    import json
+    import shutil
+
+    from afd_ray.data.schema import Demonstration
+    from afd_ray.data.tokenize import TruncationRules, encode_demonstration
+    from afd_ray.models.loading import load_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(smollm2_dir, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    tok = load_tokenizer(str(base))
+    enc = encode_demonstration(tok, Demonstration([{"role": "user", "content": "Hi there"}], "Hello!"),
+                               TruncationRules())
+    assert tok.decode(enc.prompt_ids) == "\n\nHuman: Hi there\n\nAssistant:"
+    assert enc.response_ids[-1] == tok.eos_token_id and tok.decode(enc.response_ids[:-1]) == " Hello!"

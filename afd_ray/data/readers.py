@@ -4,7 +4,8 @@ A source is one of:
   - a local file: ``.jsonl`` (one object per line), ``.json`` (a list of objects) or ``.parquet``;
   - ``offline:chatterbot`` / ``offline:chitchat`` (``afd_ray.data.offline``, no network);
   - a Hub dataset name, read with ``datasets.load_dataset``; the known ones get their adapter
-    (HuggingFaceH4/ultrachat_200k ``train_sft``, CarperAI/openai_summarize_tldr, Anthropic/hh-rlhf).
+    (HuggingFaceH4/ultrachat_200k ``train_sft``, CarperAI/openai_summarize_tldr, Anthropic/hh-rlhf); a
+    folder inside a dataset repository follows a colon: ``Anthropic/hh-rlhf:harmless-base``.
 
 Bad rows raise ``DataError`` (default) or, with ``on_bad_row="skip"``, are counted in ``Loaded.skipped``
 and reported in a warning. Nothing is dropped silently.
@@ -93,19 +94,21 @@ def iter_file_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
         raise ValueError(f"data file {path}: unsupported extension {suffix!r}; use .jsonl, .json or .parquet")
 
 
-def _hub_rows(name: str, split: str | None, adapters: dict) -> tuple[str, Iterator[tuple[int, Any]]]:
+def _hub_rows(source: str, split: str | None, adapters: dict) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """``name`` or ``name:folder`` (a data_dir inside the repository, e.g. Anthropic/hh-rlhf:harmless-base)."""
+    name, _, data_dir = source.partition(":")
     default_split, adapt = adapters.get(name, (None, lambda r: r))
     split = split or default_split or "train"
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, data_dir=data_dir or None, split=split)
     except Exception as e:  # network, auth, missing split: one message that says what to do
         raise RuntimeError(
-            f"could not load Hub dataset {name!r} split {split!r} ({type(e).__name__}: {e}). Without network, "
+            f"could not load Hub dataset {source!r} split {split!r} ({type(e).__name__}: {e}). Without network, "
             "use a local .jsonl/.json/.parquet file or an offline set (offline:chatterbot, offline:chitchat)."
         ) from e
-    return f"{name}[{split}]", ((i, adapt(r)) for i, r in enumerate(ds))
+    return f"{source}[{split}]", ((i, adapt(r)) for i, r in enumerate(ds))
 
 
 def _rows(source: str, split: str | None, adapters: dict, kind: str) -> tuple[str, Iterator[tuple[int, Any]]]:

@@ -44,13 +44,27 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+# For base models without a chat template (GPT-2, Pythia): the HH-RLHF dialogue format, each assistant
+# turn closed by the eos token (the end of turn the rollout engines stop at).
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
+    "{% else %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}")
+
+
 def load_tokenizer(name_or_path: str):
-    """Tokenizer with a pad token (eos when the model has none) and left padding for generation."""
+    """Tokenizer with a pad token (eos when the model has none), left padding for generation, and a chat
+    template (``PLAIN_CHAT_TEMPLATE`` for base models that ship none)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     tokenizer.padding_side = "left"
     return tokenizer
 
