@@ -37,8 +37,8 @@ class ModelConfig:
     reward: str = ""
     """Backbone of the reward model r_phi (a causal LM or a saved reward model); empty = the initial policy."""
     sft: str = ""
-    """pi_SFT for the recipes that start from it (inverse_rlignment, spin, dpo, ipo): an HF path; empty =
-    train it first with the `sft` section (a Ray Train job) from model.policy."""
+    """pi_SFT (an HF path). inverse_rlignment: empty = train it first from model.policy with the `sft`
+    section (a Ray Train job). spin, dpo, ipo, bt_rm start from it when given, else from model.policy."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype of learners and rollout engines."""
     lora_r: int = 0

@@ -207,7 +207,7 @@ def run(cfg: Config, echo=print):
         from afd_ray.sft import train_sft
 
         echo(f"SFT from {init} on {len(train)} demonstrations (Ray Train)")
-        sft_path = str(train_sft(cfg, train, rd.path / "sft", init))
+        sft_path = str(train_sft(cfg, train, rd.path / "sft", init, heldout=heldout, echo=echo))
     golden = load_golden(cfg.run.golden_reward, tokenizer)
     rm_demos = train[: cfg.bon.rm_prompts] if cfg.bon.rm_prompts else train
     eval_demos = heldout[: cfg.bon.prompts] if cfg.bon.prompts else heldout
