@@ -12,7 +12,6 @@ Run directory layout:
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -123,11 +122,10 @@ def build_data(cfg: Config, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
 
 
 def load_golden(spec: str, tokenizer):
-    if not spec:
-        return None
-    module, _, name = spec.partition(":")
-    fn = getattr(importlib.import_module(module), name)
-    return lambda prompts, responses: fn(prompts, responses, tokenizer)
+    """The configured golden reward (``afd_ray.eval.golden.load_golden``), or None."""
+    from afd_ray.eval.golden import load_golden as load
+
+    return load(spec, tokenizer)
 
 
 # ---- actors ----------------------------------------------------------------------------------------------

@@ -47,18 +47,20 @@ def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.
     return out
 
 
-def make_preferences(tokenizer, n: int, seed: int = 0) -> list[EncodedPreference]:
+def make_preferences(tokenizer, n: int, seed: int = 0, vary_length: bool = True) -> list[EncodedPreference]:
     """n preference triples (prompt, chosen, rejected) ranked by the golden reward: two responses per
-    prompt, each drawn with its own parity-match probability in [0.2, 0.95]; the higher golden reward is
-    chosen (ties are redrawn). Held-out pairs of this kind measure reward accuracy against the golden rule."""
+    prompt, each with its own parity-match probability in [0.2, 0.95] and (``vary_length``) its own length
+    of 4-8 digits, as a partly trained policy writes them; the higher golden reward is chosen (ties are
+    redrawn). ``vary_length=False``: always 8 digits, so only the parity rule separates the pair."""
     digits = digit_ids(tokenizer)
     sep = tokenizer.convert_tokens_to_ids(":")
     g = torch.Generator().manual_seed(10_000 + seed)
 
     def response(parity: int) -> list[int]:
         p = 0.2 + 0.75 * float(torch.rand((), generator=g))
+        length = int(torch.randint(4, LENGTH + 1, (), generator=g)) if vary_length else LENGTH
         y = []
-        for _ in range(LENGTH):
+        for _ in range(length):
             match = bool(torch.rand((), generator=g) < p)
             pool = [d for d in range(10) if (d % 2 == parity) == match]
             y.append(pool[int(torch.randint(0, len(pool), (), generator=g))])

@@ -2,6 +2,7 @@
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -57,18 +58,41 @@ def golden_gain(tmp_path, sft, name, *overrides):
     report = (rd.path / "report.md").read_text()
     final = float(report.split("final/heldout_policy: ")[1].split()[0])
     assert statistics.mean(m["heldout/reward_accuracy"] for m in ms[-3:]) > 0.6  # the RM tells demos apart
-    return ms[0]["golden/heldout_policy"], final  # iteration 1 samples come from pi_SFT, before any update
+    return ms[0]["golden/heldout_policy"], final, rd  # iteration 1 samples come from pi_SFT, before any update
 
 
 def test_toy_irl_rloo_beats_sft_on_golden_reward(ray_local, toy_sft, tmp_path):
-    sft, irl = golden_gain(tmp_path, toy_sft, "rloo", "policy.algo=rloo")
+    sft, irl, rd = golden_gain(tmp_path, toy_sft, "rloo", "policy.algo=rloo")
     assert irl > sft + 0.08, f"rloo: golden reward {sft:.3f} (SFT) -> {irl:.3f} (IRL)"
+    # jobs/evaluate.py on this run against pi_SFT: the report's plots come from the run's metrics, and the
+    # IRL reward model ranks held-out preference pairs (ordered by the golden reward) well above chance
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import evaluate as job
+
+    out = tmp_path / "eval"
+    assert job.main([str(rd.path), str(toy_sft), "--out", str(out), "--golden", "afd_ray.toy:golden_reward",
+                     "--preferences", "toy", "--prompts", "64", "--max-new-tokens", "10", "--baseline", "sft"]) == 0
+    plots = json.loads((out / "plots.json").read_text())
+    curve = plots[f"curves_{rd.path.name}.png"]["rollout/reward"]
+    assert curve["y"] == [m["rollout/reward"] for m in rd.metrics()]
+    assert curve["x"] == [m["iteration"] for m in rd.metrics()]
+    assert (out / f"curves_{rd.path.name}.png").stat().st_size > 1000
+    result = json.loads((out / "eval.json").read_text())
+    # pi_SFT's main deficit on the toy is length (it stops early), and that is what the IRL reward model
+    # learns: it ranks golden-ordered pairs of varying length (256 pairs, s.e. ~0.03) well above chance;
+    # on equal-length pairs, where only the parity rule decides, it is at chance (docs/LOG.md)
+    acc = result["reward_accuracy"][rd.path.name]["subset/toy-length"]
+    assert acc > 0.58, f"IRL reward model accuracy on golden-ranked held-out pairs: {acc:.3f}"
+    assert result["targets"][rd.path.name]["golden"] > result["targets"]["sft"]["golden"]
+    assert "Reward accuracy" in (out / "report.md").read_text()
 
 
 @pytest.mark.xfail(strict=False, reason=(
     "online_dpo does not yet beat SFT by the margin on the toy task: 23 settings tried (docs/LOG.md) end "
     "-0.22 to +0.08 against SFT after 12-15 iterations, peaking mid-run before the reward model overfits"))
 def test_toy_irl_online_dpo_beats_sft_on_golden_reward(ray_local, toy_sft, tmp_path):
-    sft, irl = golden_gain(tmp_path, toy_sft, "online_dpo", "policy.algo=online_dpo", "policy.lr=5e-4",
+    sft, irl, _ = golden_gain(tmp_path, toy_sft, "online_dpo", "policy.algo=online_dpo", "policy.lr=5e-4",
                            "policy.mini_batches=2")
     assert irl > sft + 0.08, f"online_dpo: golden reward {sft:.3f} (SFT) -> {irl:.3f} (IRL)"

@@ -100,6 +100,14 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local,
     finally:
         system.shutdown()
     assert selected == plain.response_ids
+    # the evaluation report draws the golden-reward-against-N curve from bon.json
+    from afd_ray.eval.evaluate import evaluate, resolve_target
+
+    target = resolve_target(str(rd.path))
+    assert target.policy == str(toy_sft) and target.reward == str(rd.path / "reward_model")
+    evaluate([target], [], tokenizer, tmp_path / "eval")
+    drawn = json.loads((tmp_path / "eval" / "plots.json").read_text())["best_of_n_bon.png"]["golden"]
+    assert drawn == {"x": [1.0, 4.0, 16.0], "y": [table[n]["golden"] for n in (1, 4, 16)]}
 
 
 @pytest.mark.slow

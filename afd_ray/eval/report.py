@@ -1,0 +1,98 @@
+"""Plots and the evaluation report. Every plot function returns the series it drew (read back from the
+figure's own lines and bars), and ``write_report`` stores them in ``plots.json`` next to the PNGs, so a
+test can check a plotted series against the run's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run_curves(metrics: list[dict], out: Path, title: str) -> dict[str, dict[str, list[float]]]:
+    """Learned reward, KL and held-out diagnostics per iteration of one run (metrics.jsonl rows)."""
+    plt = _pyplot()
+    panels = [("rollout/reward", "reward of samples"), ("rollout/kl", "KL(pi || pi_ref)"),
+              ("heldout/reward_accuracy", "held-out demo-vs-policy accuracy"),
+              ("golden/heldout_policy", "golden reward (held-out)")]
+    panels = [(k, label) for k, label in panels if any(k in m for m in metrics)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2), squeeze=False)
+    drawn: dict[str, dict[str, list[float]]] = {}
+    for ax, (key, label) in zip(axes[0], panels):
+        rows = [m for m in metrics if key in m]
+        (line,) = ax.plot([m["iteration"] for m in rows], [m[key] for m in rows], marker="o")
+        ax.set_xlabel("iteration")
+        ax.set_title(label, fontsize=9)
+        drawn[key] = {"x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def plot_best_of_n(table: list[dict], out: Path, title: str) -> dict[str, dict[str, list[float]]]:
+    """Golden reward (with standard errors) and learned reward against N, log-scale N."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    drawn = {}
+    ns = [r["n"] for r in table]
+    if all("golden" in r for r in table):
+        line = ax.errorbar(ns, [r["golden"] for r in table], yerr=[r["golden_se"] for r in table], marker="o",
+                           label="golden reward")[0]
+        drawn["golden"] = {"x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+        ax.set_ylabel("golden reward")
+    else:
+        (line,) = ax.plot(ns, [r["reward"] for r in table], marker="o", label="learned reward")
+        drawn["reward"] = {"x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+        ax.set_ylabel("learned reward of the selected response")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (Best-of-N)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def plot_judge(results: dict[str, dict], out: Path, title: str) -> dict[str, dict[str, list[float]]]:
+    """Stacked win / tie / lose bars, one per compared model."""
+    plt = _pyplot()
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.2))
+    bottom = [0.0] * len(names)
+    drawn = {}
+    for key, color in (("win", "#2a9d8f"), ("tie", "#bbbbbb"), ("lose", "#e76f51")):
+        vals = [results[n][key] for n in names]
+        bars = ax.bar(names, vals, bottom=bottom, color=color, label=key)
+        drawn[key] = {"x": list(range(len(names))), "y": [float(b.get_height()) for b in bars]}
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def write_report(out_dir: Path, sections: list[tuple[str, list[str]]], plots: dict[str, dict]) -> Path:
+    """report.md from (heading, lines) sections, with the PNGs linked; plots.json holds the drawn series."""
+    from afd_ray.run import atomic_write
+
+    lines = ["# Evaluation", ""]
+    for heading, body in sections:
+        lines += [f"## {heading}", "", *body, ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in sorted(plots)] + [""]
+    atomic_write(out_dir / "plots.json", json.dumps(plots, indent=1))
+    atomic_write(out_dir / "report.md", "\n".join(lines))
+    return out_dir / "report.md"
