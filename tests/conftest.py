@@ -35,6 +35,7 @@ def ray_local():
     the `ray start --head` test can stop its own head without taking a shared instance down with it."""
     import ray
 
+    saved = {k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
     if not ray.is_initialized():
         from afd_ray.run import local_ray_env
 
@@ -43,6 +44,11 @@ def ray_local():
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+    for k, v in saved.items():  # this instance's settings end with it
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ def first_last(rd, key):
 
 
 @pytest.mark.parametrize("method, lr", [("dpo", 1e-3), ("ipo", 2e-4)])  # IPO's squared loss takes a smaller step
-def test_dpo_and_ipo_raise_held_out_implicit_reward_accuracy(ray_local, toy_sft, tmp_path, method, lr):
+def test_dpo_and_ipo_raise_held_out_implicit_reward_accuracy(ray_local, toy_sft, tmp_path, method, lr, tokenizer):
     rd = run(toy(tmp_path, method, f"run.method={method}", f"model.policy={toy_sft}", "run.iterations=8",
                  "policy.pairs_per_step=64", f"policy.lr={lr}", "policy.micro_batch_size=128",
                  "policy.dpo_beta=0.5"), echo=lambda *_: None)
@@ -28,6 +28,12 @@ def test_dpo_and_ipo_raise_held_out_implicit_reward_accuracy(ray_local, toy_sft,
     assert loss1 < loss0, (loss0, loss1)
     assert acc1 > 0.6 and acc1 > acc0, (acc0, acc1)
     assert (rd.path / "policy" / "model.safetensors").is_file()
+    # the saved policy, scored by afd_ray.eval: beta*log(pi/pi_SFT) ranks unseen golden-ordered pairs
+    from afd_ray.eval.accuracy import implicit_reward_accuracy, load_preference_pairs
+
+    pairs, subsets = load_preference_pairs("toy", tokenizer, limit=128)
+    acc = implicit_reward_accuracy(str(rd.path / "policy"), str(toy_sft), 0.5, pairs, subsets, tokenizer.pad_token_id)
+    assert acc["accuracy"] > 0.6, acc
 
 
 def test_bt_reward_model_learns_held_out_preferences(ray_local, toy_sft, tmp_path):

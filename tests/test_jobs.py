@@ -35,6 +35,7 @@ def test_ray_job_submit_against_a_local_head(toy_sft, tmp_path):
     ray = str(Path(sys.executable).parent / "ray")
     port, dash = free_port(), free_port()
     env = dict(os.environ, RAY_ADDRESS="")
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the job client would prefer it over --address
     env.pop("RAY_ADDRESS")
     subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
                     "--include-dashboard=true", "--disable-usage-stats"], check=True, env=env, capture_output=True,
@@ -43,7 +44,7 @@ def test_ray_job_submit_against_a_local_head(toy_sft, tmp_path):
         cmd = [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}", "--",
                sys.executable, "jobs/irl_ultrachat.py", "--config", "toy", f"model.policy={toy_sft}",
                "run.iterations=2", "rollout.prompts_per_iteration=8", f"run.output_dir={tmp_path}", "run.name=job"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        out = subprocess.run(cmd, env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "succeeded" in out.stdout and "done:" in out.stdout
         assert (tmp_path / "job" / "report.md").is_file()

@@ -1,0 +1,72 @@
+"""Evaluation helpers: golden rewards (Python function or HF classifier), standard errors, win rates,
+reward accuracy per subset."""
+
+import json
+
+import pytest
+
+from afd_ray.eval.accuracy import accuracy, load_preference_pairs, reward_accuracy
+from afd_ray.eval.golden import HFGolden, load_golden, mean_se, win_rate
+
+
+def test_mean_se_and_win_rate_by_hand():
+    m, se = mean_se([1.0, 2.0, 3.0])
+    assert m == 2.0 and se == pytest.approx(1.0 / 3 ** 0.5)
+    w, wse = win_rate([1.0, 0.5, 0.2, 0.7], [0.5, 0.5, 0.9, 0.1])  # win, tie, lose, win
+    assert w == pytest.approx(2.5 / 4)
+    with pytest.raises(ValueError, match="3 candidate vs 2 baseline"):
+        win_rate([1, 2, 3], [1, 2])
+
+
+def test_golden_from_a_python_function(tokenizer):
+    from afd_ray import toy
+
+    demos = toy.make_demonstrations(tokenizer, 8, seed=1)
+    g = load_golden("afd_ray.toy:golden_reward", tokenizer)
+    scores = g([d.prompt_ids for d in demos], [d.response_ids for d in demos])
+    assert scores == toy.golden_reward([d.prompt_ids for d in demos], [d.response_ids for d in demos], tokenizer)
+    with pytest.raises(ValueError, match="cannot import nope"):
+        load_golden("afd_ray.toy:nope", tokenizer)
+
+
+def test_golden_from_an_hf_sequence_classifier(tiny_llama_dir, tokenizer, tmp_path):
+    from afd_ray.models.loading import load_reward_model, save_model
+
+    path = save_model(load_reward_model(str(tiny_llama_dir), seed=3), tokenizer, tmp_path / "golden_rm")
+    g = load_golden(str(path), tokenizer)
+    assert isinstance(g, HFGolden)
+    prompts = [tokenizer("Hi")["input_ids"]] * 3
+    responses = [tokenizer(t)["input_ids"] for t in ("Hello!", "Go away.", "Hello!")]
+    s = g(prompts, responses)
+    assert len(s) == 3 and s[0] == pytest.approx(s[2], abs=1e-5) and s[0] != s[1]
+
+
+def test_reward_accuracy_per_subset():
+    out = accuracy([1.0, 2.0, 0.0, 5.0], [0.0, 3.0, -1.0, 1.0], ["a", "a", "b", "b"])
+    assert out["accuracy"] == 0.75 and out["subset/a"] == 0.5 and out["subset/b"] == 1.0
+
+
+def test_rewardbench_style_file(tokenizer, tmp_path):
+    f = tmp_path / "rb.jsonl"
+    rows = [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "subset": "math"},
+            {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome", "subset": "facts"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, subsets = load_preference_pairs(str(f), tokenizer)
+    assert subsets == ["math", "facts"] and tokenizer.decode(pairs[1].chosen_ids) == "Paris<|im_end|>"
+
+    def longer_is_better(prompts, responses):  # a stand-in scorer with a known answer
+        return [float(len(r)) for r in responses]
+
+    acc = reward_accuracy(longer_is_better, pairs, subsets)
+    assert acc["pairs"] == 2 and acc["subset/facts"] == float(len(pairs[1].chosen_ids) > len(pairs[1].rejected_ids))
+
+
+def test_toy_preference_subsets(tokenizer):
+    from afd_ray import toy
+
+    pairs, subsets = load_preference_pairs("toy", tokenizer, limit=40)
+    assert subsets.count("toy-length") == 20 and subsets.count("toy-parity") == 20
+    g = lambda ps: toy.golden_reward([p.prompt_ids for p in ps], [p.chosen_ids for p in ps], tokenizer)  # noqa: E731
+    worse = toy.golden_reward([p.prompt_ids for p in pairs], [p.rejected_ids for p in pairs], tokenizer)
+    assert all(a > b for a, b in zip(g(pairs), worse))  # ranked by the golden reward
+    assert all(len(p.chosen_ids) == len(p.rejected_ids) == 9 for p, s in zip(pairs, subsets) if s == "toy-parity")
