@@ -107,7 +107,7 @@ def test_failures_are_retried_counted_and_the_evaluation_finishes(server, caplog
         if q == "q-500" and n <= 2:
             return 500, {"error": "boom"}, 0
         if q == "q-slow" and n == 1:
-            return 200, answer("Verdict: A"), 1.5
+            return 200, answer("Verdict: A"), 3.0
         if q == "q-garbage" and n == 1:
             return 200, b"<html>not json", 0
         if q == "q-garbage" and n == 2:
@@ -117,7 +117,7 @@ def test_failures_are_retried_counted_and_the_evaluation_finishes(server, caplog
         return 200, answer("Verdict: " + ("A" if section(text, "Response A") == "GOOD" else "B")), 0
 
     server.script = script
-    judge = PairwiseJudge(f"http://127.0.0.1:{server.server_port}/v1", "scripted", max_retries=3, timeout=0.5,
+    judge = PairwiseJudge(f"http://127.0.0.1:{server.server_port}/v1", "scripted", max_retries=3, timeout=1.0,
                           backoff=0.01, max_concurrency=4)
     prompts = ["q-500", "q-slow", "q-garbage", "q-dead", "q-ok"]
     result = judge.compare(prompts, ["GOOD"] * 5, ["BAD"] * 5)
