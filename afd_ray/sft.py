@@ -162,6 +162,7 @@ def train_loop(config: dict) -> None:
     from afd_ray.algo.losses import sft_loss
     from afd_ray.models.loading import LoraSpec, load_policy, load_tokenizer, save_model
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not one INFO line per reported step
     job = SFTJob(**config["job"])
     data = ray.get(config["data"])
     heldout = ray.get(config["heldout"])
