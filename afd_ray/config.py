@@ -272,6 +272,9 @@ class RunConfig:
     """Stop cleanly after this many iterations in this invocation (resume later with --resume); 0 = run all."""
     keep_checkpoints: int = 1
     """Complete iteration checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
+    checkpoint_every: int = 1
+    """Checkpoint every this many iterations and after the last one (a resumed run repeats the iterations
+    after the last checkpoint)."""
     golden_reward: str = ""
     """Optional golden reward, logged every iteration: `module:function(prompts, responses, tokenizer) ->
     list[float]` on token ids (afd_ray.toy:golden_reward for the toy task), or the path / Hub id of an HF
@@ -446,7 +449,7 @@ def validate(cfg: Config) -> None:
     for key in ("rollout.num_workers", "rollout.tensor_parallel_size", "rollout.prompts_per_iteration",
                 "rollout.n", "rollout.max_new_tokens", "policy.epochs", "policy.mini_batches", "policy.micro_batch_size",
                 "policy.world_size", "policy.pairs_per_step", "reward.epochs", "reward.micro_batch_size", "reward.world_size", "reward.batch_size",
-                "run.keep_checkpoints",
+                "run.keep_checkpoints", "run.checkpoint_every",
                 "run.iterations", "data.max_prompt_tokens", "data.max_response_tokens"):
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")

@@ -259,12 +259,18 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         if not (rd.path / "config.yaml").is_file():
             raise FileNotFoundError(f"--resume {resume}: not a run directory (no config.yaml)")
         saved = load_config(str(rd.path / "config.yaml"))
-        if saved.run.method not in ("irl", "aihf"):
-            raise ConfigError(f"--resume continues irl and aihf runs; {rd.path} is a {saved.run.method} run "
-                              "(an SFT job resumes when run again with the same run.name)")
         if cfg is not None:  # allow a longer schedule or a different stop point on resume
             saved.run.iterations, saved.run.stop_after = cfg.run.iterations, cfg.run.stop_after
         cfg = saved
+        from afd_ray.methods.baselines import RESUMABLE
+
+        if cfg.run.method in RESUMABLE:
+            from afd_ray.methods import baselines
+
+            return baselines.run(cfg, echo, rd=rd)
+        if cfg.run.method not in ("irl", "aihf"):
+            raise ConfigError(f"--resume continues irl, aihf, {', '.join(RESUMABLE)} runs; {rd.path} is a "
+                              f"{cfg.run.method} run (an SFT job resumes when run again with the same run.name)")
     elif cfg.run.method not in ("irl", "aihf"):
         return run_method(cfg, echo)
     else:
@@ -311,9 +317,10 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
                                                                       state.iteration + cfg.run.stop_after)
         for t in range(state.iteration + 1, end + 1):
             m = irl_iteration(t, cfg, train, heldout, c, state, prefs=prefs)
-            t0 = time.perf_counter()
-            save_checkpoint(rd, system, state, t, initial, cfg.run.keep_checkpoints)
-            m["time/checkpoint"] = time.perf_counter() - t0
+            if t % cfg.run.checkpoint_every == 0 or t == end:
+                t0 = time.perf_counter()
+                save_checkpoint(rd, system, state, t, initial, cfg.run.keep_checkpoints)
+                m["time/checkpoint"] = time.perf_counter() - t0
             rd.append_metrics(m)
             echo(summary_line(m))
         if state.iteration == cfg.run.iterations:

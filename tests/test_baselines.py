@@ -66,3 +66,18 @@ def test_aihf_mixes_preferences_into_the_reward_step(ray_local, toy_sft, tmp_pat
     losses = [m["reward/loss"] for m in ms]  # Eq. 24a: gamma * demo-pair loss + alpha * preference-pair loss
     assert losses[-1] < losses[0], losses
     assert ms[-1]["heldout/reward_accuracy"] > 0.6 and "heldout/preference_accuracy" in ms[-1]
+
+
+def test_a_stopped_dpo_run_resumes_and_reproduces_the_uninterrupted_run(ray_local, toy_sft, tmp_path):
+    args = ("run.method=dpo", f"model.policy={toy_sft}", "run.iterations=4", "policy.pairs_per_step=32",
+            "policy.lr=1e-3", "policy.micro_batch_size=64", "run.checkpoint_every=2")
+    full = run(toy(tmp_path, "full", *args), echo=lambda *_: None).metrics()
+    part = run(toy(tmp_path, "part", *args, "run.stop_after=3"), echo=lambda *_: None)
+    assert [m["iteration"] for m in part.metrics()] == [1.0, 2.0, 3.0]
+    assert not (part.path / "report.md").exists() and part.latest()[0] == 3  # the stop point is checkpointed
+    resumed = run(None, resume=part.path, echo=lambda *_: None)
+    assert [m["iteration"] for m in resumed.metrics()] == [1.0, 2.0, 3.0, 4.0]
+    for a, b in zip(full, resumed.metrics()):
+        for k in ("policy/loss", "policy/grad_norm", "heldout/implicit_reward_accuracy"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["iteration"], k)
+    assert (resumed.path / "policy" / "model.safetensors").is_file() and (resumed.path / "report.md").is_file()

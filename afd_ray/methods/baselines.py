@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -73,7 +75,11 @@ def implicit_reward_accuracy(logp: torch.Tensor, ref_logp: torch.Tensor, beta: f
 
 # ---- recipes ---------------------------------------------------------------------------------------------
 
-def run(cfg: Config, echo=print):
+RESUMABLE = ("dpo", "ipo", "bt_rm", "spin")
+
+
+def run(cfg: Config, echo=print, rd=None):
+    """Run a baseline into a new run directory, or continue ``rd`` after its last checkpoint."""
     from afd_ray.models.loading import load_tokenizer, resolve_model_path
     from afd_ray.run import RunDir, ensure_ray
 
@@ -82,11 +88,72 @@ def run(cfg: Config, echo=print):
         raise ValueError(f"run.method={cfg.run.method!r} is not a baseline; baselines: {sorted(recipes)}")
     start = resolve_model_path(cfg.model.sft or cfg.model.policy)
     tokenizer = load_tokenizer(start)
-    rd = RunDir.create(cfg)
+    rd = rd or RunDir.create(cfg)
     ensure_ray()
     recipes[cfg.run.method](cfg, rd, start, tokenizer, echo)
-    echo(f"done: {rd.path} ({rd.path / 'report.md'})")
     return rd
+
+
+@dataclass
+class Progress:
+    """Where a baseline run stands: the next iteration, the data cursor, and the learner to checkpoint.
+
+    Checkpoints (every ``run.checkpoint_every`` iterations and after the last) hold the learner's DeepSpeed
+    state and HF model plus ``loop.pt``; ``resume`` restores them, so a stopped run continues exactly."""
+
+    rd: object
+    cfg: Config
+    name: str  # "policy" or "reward"
+    cursor: DataCursor
+    tokenizer_path: str
+    first: int = 1
+    last_path: Path | None = None
+
+    @classmethod
+    def open(cls, rd, cfg: Config, name: str, size: int, tokenizer_path: str) -> Progress:
+        p = cls(rd, cfg, name, DataCursor(size, seed=cfg.run.seed), tokenizer_path)
+        latest = rd.latest()
+        if latest is not None:
+            t, path = latest
+            loop = torch.load(path / "loop.pt", weights_only=False)
+            p.cursor, p.first, p.last_path = DataCursor(**loop["cursor"]), t + 1, path
+            rd.truncate_metrics(t)
+        return p
+
+    def model_path(self, default: str) -> str:
+        """The model to build the actors from: the last checkpoint's, or ``default`` on a fresh run."""
+        return str(self.last_path / self.name) if self.last_path else default
+
+    def load_state(self, group) -> None:
+        if self.last_path:
+            group.load(str(self.last_path / f"{self.name}_state"))
+
+    def end(self) -> int:
+        c = self.cfg.run
+        return min(c.iterations, self.first - 1 + c.stop_after) if c.stop_after else c.iterations
+
+    def after(self, t: int, m: dict, group, echo) -> None:
+        """Log iteration t; checkpoint when it is due."""
+        self.rd.append_metrics(m)
+        echo(_line(m))
+        if t % self.cfg.run.checkpoint_every == 0 or t == self.end():
+            tmp = self.rd.begin(t)
+            group.save(str(tmp / f"{self.name}_state"), str(tmp / self.name), self.tokenizer_path)
+            torch.save({"cursor": asdict(self.cursor), "iteration": t}, tmp / "loop.pt")
+            self.rd.commit(t, tmp, self.cfg.run.keep_checkpoints)
+
+    def finish(self, echo, write) -> bool:
+        """After the loop: the final model under the run directory and the report when the run is complete."""
+        latest = self.rd.latest()
+        if latest is None or latest[0] < self.cfg.run.iterations:
+            echo(f"stopped after iteration {latest[0] if latest else 0}; continue with --resume {self.rd.path}")
+            return False
+        final = self.rd.path / ("policy" if self.name == "policy" else "reward_model")
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(latest[1] / self.name, final)
+        write()
+        echo(f"done: {self.rd.path} ({self.rd.path / 'report.md'})")
+        return True
 
 
 def run_dpo(cfg: Config, rd, start: str, tokenizer, echo) -> None:
@@ -97,14 +164,16 @@ def run_dpo(cfg: Config, rd, start: str, tokenizer, echo) -> None:
 
     train, heldout = build_preferences(cfg, tokenizer)
     ref = resolve_model_path(cfg.model.reference) if cfg.model.reference else start
-    system = System(cfg, {"policy": start, "reference": ref}, tokenizer, [], roles=("policy", "reference"))
-    cursor = DataCursor(len(train), seed=cfg.run.seed)
+    prog = Progress.open(rd, cfg, "policy", len(train), start)
+    system = System(cfg, {"policy": prog.model_path(start), "reference": ref}, tokenizer, [],
+                    roles=("policy", "reference"))
     held = pair_sequences(*zip(*[(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in heldout])) if heldout else None
     try:
         policy, reference = system.handles["policy"], system.handles["reference"]
+        prog.load_state(policy)
         held_ref = seq_logp(reference.logprobs(held)) if held else None
-        for t in range(1, cfg.run.iterations + 1):
-            chunk = [train[i] for i in cursor.take(cfg.policy.pairs_per_step)]
+        for t in range(prog.first, prog.end() + 1):
+            chunk = [train[i] for i in prog.cursor.take(cfg.policy.pairs_per_step)]
             seqs = pair_sequences([p.prompt_ids for p in chunk], [p.chosen_ids for p in chunk],
                                   [p.rejected_ids for p in chunk])
             batch = PolicyBatch("dpo", seqs, ref_seq_logp=seq_logp(reference.logprobs(seqs)), beta=cfg.policy.dpo_beta,
@@ -113,13 +182,12 @@ def run_dpo(cfg: Config, rd, start: str, tokenizer, echo) -> None:
             if held:
                 m |= {f"heldout/{k}": v for k, v in implicit_reward_accuracy(
                     seq_logp(policy.logprobs(held)), held_ref, cfg.policy.dpo_beta).items()}
-            rd.append_metrics(m)
-            echo(_line(m))
-        _save(system.handles["policy"], rd, "policy", start)
+            prog.after(t, m, policy, echo)
     finally:
         system.shutdown()
-    write_report(rd, cfg, ["policy/loss", "policy/accuracy", "policy/margin", "heldout/implicit_reward_accuracy",
-                           "heldout/implicit_reward_margin"])
+    prog.finish(echo, lambda: write_report(rd, cfg, ["policy/loss", "policy/accuracy", "policy/margin",
+                                                     "heldout/implicit_reward_accuracy",
+                                                     "heldout/implicit_reward_margin"]))
 
 
 def run_bt_rm(cfg: Config, rd, start: str, tokenizer, echo) -> None:
@@ -130,22 +198,22 @@ def run_bt_rm(cfg: Config, rd, start: str, tokenizer, echo) -> None:
 
     train, heldout = build_preferences(cfg, tokenizer)
     backbone = resolve_model_path(cfg.model.reward) if cfg.model.reward else start
-    system = System(cfg, {"reward": backbone}, tokenizer, [], roles=("reward",))
-    cursor = DataCursor(len(train), seed=cfg.run.seed)
+    prog = Progress.open(rd, cfg, "reward", len(train), start)
+    system = System(cfg, {"reward": prog.model_path(backbone)}, tokenizer, [], roles=("reward",))
     try:
         rm = system.handles["reward"]
-        for t in range(1, cfg.run.iterations + 1):
-            chunk = [train[i] for i in cursor.take(cfg.reward.batch_size)]
+        prog.load_state(rm)
+        for t in range(prog.first, prog.end() + 1):
+            chunk = [train[i] for i in prog.cursor.take(cfg.reward.batch_size)]
             stats = rm.update(preference_pairs(chunk), "pairwise", cfg.reward.margin)
             m = {"iteration": float(t)} | {f"reward/{k}": v for k, v in stats.items()}
             if heldout:
                 m |= {f"heldout/{k}": v for k, v in preference_accuracy(rm, heldout).items()}
-            rd.append_metrics(m)
-            echo(_line(m))
-        _save(rm, rd, "reward_model", start)
+            prog.after(t, m, rm, echo)
     finally:
         system.shutdown()
-    write_report(rd, cfg, ["reward/loss", "reward/accuracy", "heldout/preference_accuracy", "heldout/reward_gap"])
+    prog.finish(echo, lambda: write_report(rd, cfg, ["reward/loss", "reward/accuracy", "heldout/preference_accuracy",
+                                                     "heldout/reward_gap"]))
 
 
 def preference_pairs(prefs: list[EncodedPreference], weight: float | None = None) -> PairBatch:
@@ -170,14 +238,16 @@ def run_spin(cfg: Config, rd, start: str, tokenizer, echo) -> None:
     from afd_ray.run import System, build_data
 
     train, heldout = build_data(cfg, tokenizer)
-    system = System(cfg, {"policy": start, "rollout": start}, tokenizer, heldout[:4], roles=("policy", "rollout"))
-    cursor = DataCursor(len(train), seed=cfg.run.seed)
+    prog = Progress.open(rd, cfg, "policy", len(train), start)
+    path = prog.model_path(start)
+    system = System(cfg, {"policy": path, "rollout": path}, tokenizer, heldout[:4], roles=("policy", "rollout"))
     try:
         policy, rollout = system.handles["policy"], system.handles["rollout"]
+        prog.load_state(policy)
         golden = _golden(cfg, tokenizer)
-        for t in range(1, cfg.run.iterations + 1):
+        for t in range(prog.first, prog.end() + 1):
             m = {"iteration": float(t)}
-            demos = [train[i] for i in cursor.take(cfg.rollout.prompts_per_iteration)]
+            demos = [train[i] for i in prog.cursor.take(cfg.rollout.prompts_per_iteration)]
             samples = rollout.generate([d.prompt_ids for d in demos], sampling(cfg, t))
             n = samples.n
             seqs = _demo_vs_self(demos, samples.response_ids, n)
@@ -200,13 +270,12 @@ def run_spin(cfg: Config, rd, start: str, tokenizer, echo) -> None:
                 m |= {f"heldout/{k}": v for k, v in implicit_reward_accuracy(
                     seq_logp(policy.logprobs(held)), held_before, cfg.policy.dpo_beta).items()}
             m |= {f"sync/{k}": v for k, v in system.sync.sync().items()}
-            rd.append_metrics(m)
-            echo(_line(m))
-        _save(policy, rd, "policy", start)
+            prog.after(t, m, policy, echo)
     finally:
         system.shutdown()
-    write_report(rd, cfg, ["policy/loss", "policy/accuracy", "heldout/implicit_reward_accuracy",
-                           "heldout/implicit_reward_margin", "golden/heldout_policy"])
+    prog.finish(echo, lambda: write_report(rd, cfg, ["policy/loss", "policy/accuracy",
+                                                     "heldout/implicit_reward_accuracy",
+                                                     "heldout/implicit_reward_margin", "golden/heldout_policy"]))
 
 
 def _demo_vs_self(demos: list[Encoded], responses: list[list[int]], n: int) -> SequenceBatch:
@@ -222,13 +291,6 @@ def _golden(cfg: Config, tokenizer):
     from afd_ray.run import load_golden
 
     return load_golden(cfg.run.golden_reward, tokenizer)
-
-
-def _save(group, rd, name: str, tokenizer_path: str) -> None:
-    """The trained model in HF format under the run directory (DeepSpeed state is not kept)."""
-    state = rd.path / f".{name}_state"
-    group.save(str(state), str(rd.path / name), tokenizer_path)
-    shutil.rmtree(state, ignore_errors=True)
 
 
 def _mean(xs: list[float]) -> float:
