@@ -27,6 +27,7 @@ import yaml
 from afd_ray.config import Config, ConfigError, load_config
 from afd_ray.data.tokenize import Encoded, TruncationRules, encode_demonstrations
 from afd_ray.driver import Collaborators, LoopState, PreferenceData, evaluate_policy, irl_iteration
+from afd_ray.eval.golden import load_golden
 from afd_ray.replay import DataCursor, PairReplay
 
 log = logging.getLogger("afd_ray")
@@ -119,13 +120,6 @@ def build_data(cfg: Config, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
     if len(encoded) <= cfg.data.heldout:
         raise ValueError(f"data.heldout={cfg.data.heldout} leaves no training demonstrations out of {len(encoded)}")
     return encoded[cfg.data.heldout:], encoded[: cfg.data.heldout]
-
-
-def load_golden(spec: str, tokenizer):
-    """The configured golden reward (``afd_ray.eval.golden.load_golden``), or None."""
-    from afd_ray.eval.golden import load_golden as load
-
-    return load(spec, tokenizer)
 
 
 # ---- actors ----------------------------------------------------------------------------------------------

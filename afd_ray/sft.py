@@ -164,6 +164,7 @@ def train_loop(config: dict) -> None:
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not one INFO line per reported step
     job = SFTJob(**config["job"])
+    tokenizer = load_tokenizer(job.tokenizer_path)  # saved with the model at every checkpoint
     data = ray.get(config["data"])
     heldout = ray.get(config["heldout"])
     ctx = ray.train.get_context()
@@ -251,7 +252,7 @@ def train_loop(config: dict) -> None:
                 with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
                                                        enabled=job.zero_stage == 3):
                     if rank == 0:
-                        save_model(engine.module, load_tokenizer(job.tokenizer_path), Path(tmp) / "hf")
+                        save_model(engine.module, tokenizer, Path(tmp) / "hf")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -292,9 +293,6 @@ def train_sft(cfg: Config, demos: list[Encoded], out_dir: str | Path, model_path
     state = out / "state.json"
     if final.is_dir() and state.is_file() and json.loads(state.read_text()).get("steps") == steps:
         return final
-    if cfg.sft.batch_size % (cfg.sft.micro_batch_size * cfg.sft.num_workers):
-        raise ValueError(f"sft.batch_size ({cfg.sft.batch_size}) must be a multiple of sft.micro_batch_size * "
-                         f"sft.num_workers ({cfg.sft.micro_batch_size} * {cfg.sft.num_workers})")
     tokenizer = load_tokenizer(model_path)
     job = SFTJob(model_path=model_path, tokenizer_path=model_path, total_steps=steps,
                  batch_size=cfg.sft.batch_size, micro_batch_size=cfg.sft.micro_batch_size, lr=cfg.sft.lr,
@@ -308,9 +306,8 @@ def train_sft(cfg: Config, demos: list[Encoded], out_dir: str | Path, model_path
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if not gpu:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // cfg.sft.num_workers))
-    for key in (FAULT_ENV,):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"job": asdict(job), "data": ray.put([(d.prompt_ids, d.response_ids) for d in demos]),

@@ -74,8 +74,8 @@ def test_every_policy_algo_and_reward_loss_runs_on_real_actors(ray_local, toy_sf
     """One iteration each of grpo, reinforce, ppo (ZeRO-2, world size 2) and of the discriminator reward
     loss, on one set of actors; each step moves its own objective and keeps the engines in sync."""
     from afd_ray.driver import LoopState, irl_iteration
+    from afd_ray.eval.golden import load_golden
     from afd_ray.replay import DataCursor
-    from afd_ray.run import load_golden
 
     base = ["model.policy=" + str(toy_sft), "policy.world_size=2", "rollout.prompts_per_iteration=8",
             "data.heldout=8", "policy.micro_batch_size=16", "reward.lr=1e-3", "critic.world_size=2",

@@ -57,13 +57,14 @@ def resolve_target(arg: str) -> Target:
 
 
 @torch.no_grad()
-def generate(policy: str, prompts: list[list[int]], pad_token_id: int, eos_token_id: int, max_new_tokens: int,
+def generate(policy, prompts: list[list[int]], pad_token_id: int, eos_token_id: int, max_new_tokens: int,
              temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[list[int]]:
-    """One response per prompt (token ids, ending at eos when the model stopped), HF generate in-process."""
+    """One response per prompt (token ids, ending at eos when the model stopped), HF generate in-process.
+    ``policy``: a model path, or a model already loaded (callers that generate many times)."""
     from afd_ray.data.tokenize import left_pad
     from afd_ray.models.loading import load_policy
 
-    model = load_policy(policy).eval()
+    model = load_policy(policy).eval() if isinstance(policy, str) else policy
     torch.manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -79,10 +80,13 @@ def generate(policy: str, prompts: list[list[int]], pad_token_id: int, eos_token
 def chat_fn_for(policy: str, tokenizer, max_new_tokens: int):
     """``chat_fn(messages) -> text`` of a local policy (greedy), for MT-Bench answers."""
     from afd_ray.data.tokenize import render_prompt_ids
+    from afd_ray.models.loading import load_policy
+
+    model = load_policy(policy).eval()  # once, not per turn
 
     def chat(messages):
         ids = render_prompt_ids(tokenizer, messages)
-        resp = generate(policy, [ids], tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens, 0.0)[0]
+        resp = generate(model, [ids], tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens, 0.0)[0]
         return tokenizer.decode(resp, skip_special_tokens=True)
 
     return chat

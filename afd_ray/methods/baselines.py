@@ -21,6 +21,7 @@ import torch
 
 from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded, EncodedPreference, TruncationRules
+from afd_ray.eval.golden import load_golden
 from afd_ray.replay import DataCursor
 from afd_ray.types import PairBatch, PolicyBatch, SequenceBatch
 
@@ -244,7 +245,7 @@ def run_spin(cfg: Config, rd, start: str, tokenizer, echo) -> None:
     try:
         policy, rollout = system.handles["policy"], system.handles["rollout"]
         prog.load_state(policy)
-        golden = _golden(cfg, tokenizer)
+        golden = load_golden(cfg.run.golden_reward, tokenizer)
         for t in range(prog.first, prog.end() + 1):
             m = {"iteration": float(t)}
             demos = [train[i] for i in prog.cursor.take(cfg.rollout.prompts_per_iteration)]
@@ -286,12 +287,6 @@ def _demo_vs_self(demos: list[Encoded], responses: list[list[int]], n: int) -> S
 
 
 # ---- output ----------------------------------------------------------------------------------------------
-
-def _golden(cfg: Config, tokenizer):
-    from afd_ray.run import load_golden
-
-    return load_golden(cfg.run.golden_reward, tokenizer)
-
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / max(len(xs), 1)

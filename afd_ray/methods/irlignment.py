@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,8 +192,9 @@ def bon_sampling(cfg: Config) -> SamplingSpec:
 
 def run(cfg: Config, echo=print):
     """SFT (unless model.sft is given) -> discriminator -> Best-of-N curve [-> RL on the learned reward]."""
+    from afd_ray.eval.golden import load_golden
     from afd_ray.models.loading import load_tokenizer, resolve_model_path
-    from afd_ray.run import RunDir, System, atomic_write, build_data, ensure_ray, load_golden
+    from afd_ray.run import RunDir, System, atomic_write, build_data, ensure_ray
 
     rd = RunDir.create(cfg)
     init = resolve_model_path(cfg.model.policy)
@@ -236,7 +238,7 @@ def run(cfg: Config, echo=print):
             "discriminator/heldout_pairwise_accuracy": float((r_pos > r_neg).float().mean())}
         echo("  " + "  ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in disc.items() if "accuracy" in k))
         rm.save(str(rd.path / ".reward_state"), str(rd.path / "reward_model"), init)
-        shutil_rmtree(rd.path / ".reward_state")
+        shutil.rmtree(rd.path / ".reward_state", ignore_errors=True)
         spec = bon_sampling(cfg)
         writer = SelectionWriter(rd.path / "bon", tokenizer, cfg.bon.n)
         echo(f"Best-of-N for N in {cfg.bon.n} on {len(eval_demos)} held-out prompts")
@@ -285,16 +287,10 @@ def rl_on_learned_reward(cfg: Config, rd, sft_path: str, tokenizer, train, heldo
             echo("rl " + summary_line(m))
         final = evaluate_policy(rl_cfg, heldout, c)
         system.handles["policy"].save(str(rd.path / ".policy_state"), str(rd.path / "rl_policy"), sft_path)
-        shutil_rmtree(rd.path / ".policy_state")
+        shutil.rmtree(rd.path / ".policy_state", ignore_errors=True)
     finally:
         system.shutdown()
     return final
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _table(table: list[dict]) -> list[str]:

@@ -54,12 +54,7 @@ class CriticLearner(DeepSpeedRank):
         denom = n_tokens / self.world_size
 
         def rows(values, idx, b):
-            t = torch.zeros(b.input_ids.shape[0], b.input_ids.shape[1] - 1, device=self.device)
-            for j, i in enumerate(idx):
-                row = values[mine[i]]
-                start = int(b.shifted_mask[j].nonzero()[0]) if row else 0
-                t[j, start:start + len(row)] = torch.tensor(row, device=self.device)
-            return t
+            return self._response_rows([values[mine[i]] for i in idx], b)
 
         def micro(idx):
             idx = list(idx)

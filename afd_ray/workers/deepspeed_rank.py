@@ -117,6 +117,16 @@ class DeepSpeedRank:
         return TokenBatch(b.input_ids.to(self.device), b.attention_mask.to(self.device),
                           b.response_mask.to(self.device)), empty
 
+    def _response_rows(self, rows: list[list[float]], b: TokenBatch) -> torch.Tensor:
+        """Per-token values of each sequence's response (``rows[j]`` for sequence j of ``b``) placed on
+        ``b``'s (B, T-1) next-token grid, where ``b.shifted_mask`` marks the response; zeros elsewhere."""
+        t = torch.zeros(b.input_ids.shape[0], b.input_ids.shape[1] - 1, device=self.device)
+        for j, row in enumerate(rows):
+            if row:
+                start = int(b.shifted_mask[j].nonzero()[0])
+                t[j, start:start + len(row)] = torch.tensor(row, device=self.device)
+        return t
+
     def _token_logp(self, b: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T-1) log pi of each next token and the response mask aligned with it."""
         logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]

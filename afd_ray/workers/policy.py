@@ -40,12 +40,7 @@ class PolicyLearner(DeepSpeedRank):
         denom = n_tokens / self.world_size  # DeepSpeed averages over ranks: scale back to a global mean
 
         def pad_rows(rows, idx, b):
-            t = torch.zeros(b.input_ids.shape[0], b.input_ids.shape[1] - 1, device=self.device)
-            for j, i in enumerate(idx):
-                L = len(rows[mine[i]])
-                start = int(b.shifted_mask[j].nonzero()[0]) if L else 0
-                t[j, start:start + L] = torch.tensor(rows[mine[i]], device=self.device)
-            return t
+            return self._response_rows([rows[mine[i]] for i in idx], b)
 
         def micro(idx):
             b, empty = self._batch(seqs, idx)
