@@ -51,11 +51,13 @@ class ModelConfig:
 class DataConfig:
     demonstrations: str = "offline:chatterbot"
     """Demonstration source: a .jsonl/.json/.parquet file, a Hub name, offline:chatterbot|offline:chitchat,
-    or `toy` (afd_ray.toy: token-level digit task with an exact golden reward)."""
+    `toy` (afd_ray.toy: token-level digit task with an exact golden reward) or `toy-fixed` (its
+    fixed-length variant: eight digits, no end token; sample with rollout.max_new_tokens=8)."""
     split: str = ""
     """Hub split; empty = the dataset's usual one (train_sft for UltraChat 200k)."""
     preferences: str = ""
-    """Preference pairs (prompt/chosen/rejected or HH text) for aihf, dpo and bt_rm; empty = none."""
+    """Preference pairs (prompt/chosen/rejected or HH text) for aihf, dpo and bt_rm, or `toy` / `toy-fixed`
+    (golden-ranked toy pairs); empty = none."""
     limit: int = 0
     """Read at most this many demonstrations; 0 = all."""
     heldout: int = 32
@@ -103,6 +105,9 @@ class PolicyConfig:
     """Policy step of the IRL loop (DESIGN.md Sec. 1, step 4)."""
     lr: float = 1e-6
     """AdamW learning rate."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over the first optimizer steps of the policy (as OpenRLHF's
+    lr_warmup_ratio); 0 = constant. Damps the first updates on a reward model that has just started."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     beta: float = 0.05
@@ -457,6 +462,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) > 0, f"{key} must be > 0")
     need(cfg.policy.beta >= 0, f"policy.beta must be >= 0, got {cfg.policy.beta}")
+    need(cfg.policy.warmup_steps >= 0, f"policy.warmup_steps must be >= 0, got {cfg.policy.warmup_steps}")
     need(0 < cfg.rollout.temperature, f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
     need(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     need(0 < cfg.rollout.gpu_memory_utilization <= 1,

@@ -101,10 +101,11 @@ def atomic_write(path: Path, text: str) -> None:
 
 def build_data(cfg: Config, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
     """Tokenised demonstrations, shuffled with the run seed, split into (train, held-out)."""
-    if cfg.data.demonstrations == "toy":
+    if cfg.data.demonstrations in ("toy", "toy-fixed"):
         from afd_ray import toy
 
-        encoded = toy.make_demonstrations(tokenizer, cfg.data.limit or 1024, seed=cfg.run.seed)
+        encoded = toy.make_demonstrations(tokenizer, cfg.data.limit or 1024, seed=cfg.run.seed,
+                                          eos=cfg.data.demonstrations == "toy")
     else:
         from afd_ray.data.readers import load_demonstrations
 
@@ -169,7 +170,8 @@ class System:
             self.handles["rollout"] = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate)
         if "policy" in roles:
             self.policy = ActorGroup(PolicyLearner, p, "policy", self.groups, LearnerSpec(
-                paths["policy"], lr=cfg.policy.lr, weight_decay=cfg.policy.weight_decay,
+                paths["policy"], lr=cfg.policy.lr, warmup_steps=cfg.policy.warmup_steps,
+                weight_decay=cfg.policy.weight_decay,
                 grad_clip=cfg.policy.grad_clip, zero_stage=cfg.policy.zero_stage,
                 micro_batch_size=cfg.policy.micro_batch_size, **common), ranked=True, env=learner_env)
             self.handles["policy"] = handles.PolicyGroup(self.policy)

@@ -6,9 +6,14 @@ fraction of the eight response positions holding a digit of the same parity as t
     r*(x, y) = (1/8) * sum_{t<8} [ y_t is a digit and y_t = x_1 (mod 2) ]
 
 The expert (the demonstrations) matches the parity with probability ``match_prob`` per position (0.9 by
-default, so E[r*] = 0.9); uniform digits score 0.5. A tiny Llama with the SmolLM2 tokenizer trained from
-scratch for a few SFT steps learns the format but only part of the parity rule, which leaves room for
-the reward model and the policy step to show what they add.
+default, so E[r*] = 0.9); uniform digits score 0.5.
+
+Two variants. ``toy`` (responses end with EOS): a tiny Llama with the SmolLM2 tokenizer behaviour-cloned
+from scratch for 60 steps learns the parity rule early (~0.93 of the digits it writes) but stops too soon
+(7.0 tokens on average against the demonstrations' 9), so what IRL fixes there is mostly length.
+``toy-fixed`` (no EOS; responses are exactly eight new tokens): length carries no signal, and a 40-step
+pi_SFT (golden ~0.74: ~0.76 of its digits match, ~3% are not digits) leaves the parity rule itself for the
+reward model to learn and the policy step to exploit (docs/LOG.md).
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ def digit_ids(tokenizer) -> list[int]:
     return ids
 
 
-def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.9) -> list[Encoded]:
-    """n expert demonstrations as token ids (no chat template: the toy model is trained from scratch)."""
+def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.9,
+                        eos: bool = True) -> list[Encoded]:
+    """n expert demonstrations as token ids (no chat template: the toy model is trained from scratch).
+    ``eos=False``: the fixed-length variant, responses are the eight digits alone (sampling stops at eight
+    new tokens), so length carries no signal and only the parity rule separates a policy from the expert."""
     digits = digit_ids(tokenizer)
     sep = tokenizer.convert_tokens_to_ids(":")
     g = torch.Generator().manual_seed(seed)
@@ -43,15 +51,20 @@ def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.
             pool = [d for d in range(10) if (d % 2 == parity) == match]
             y.append(pool[int(torch.randint(0, len(pool), (), generator=g))])
         prompt = [tokenizer.bos_token_id] + [digits[d] for d in x] + [sep]
-        out.append(Encoded(prompt, [digits[d] for d in y] + [tokenizer.eos_token_id], False, "toy", i))
+        end = [tokenizer.eos_token_id] if eos else []
+        out.append(Encoded(prompt, [digits[d] for d in y] + end, False, "toy", i))
     return out
 
 
-def make_preferences(tokenizer, n: int, seed: int = 0, vary_length: bool = True) -> list[EncodedPreference]:
+def make_preferences(tokenizer, n: int, seed: int = 0, vary_length: bool = True,
+                     eos: bool = True) -> list[EncodedPreference]:
     """n preference triples (prompt, chosen, rejected) ranked by the golden reward: two responses per
     prompt, each with its own parity-match probability in [0.2, 0.95] and (``vary_length``) its own length
     of 4-8 digits, as a partly trained policy writes them; the higher golden reward is chosen (ties are
-    redrawn). ``vary_length=False``: always 8 digits, so only the parity rule separates the pair."""
+    redrawn). ``vary_length=False``: always 8 digits, so only the parity rule separates the pair.
+    ``eos=False``: no end token, as in the fixed-length variant (implies ``vary_length=False``)."""
+    vary_length = vary_length and eos
+    end = [tokenizer.eos_token_id] if eos else []
     digits = digit_ids(tokenizer)
     sep = tokenizer.convert_tokens_to_ids(":")
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -75,8 +88,8 @@ def make_preferences(tokenizer, n: int, seed: int = 0, vary_length: bool = True)
             continue
         chosen, rejected = (a, b) if hits[0] > hits[1] else (b, a)
         prompt = [tokenizer.bos_token_id] + [digits[d] for d in x] + [sep]
-        out.append(EncodedPreference(prompt, [digits[d] for d in chosen] + [tokenizer.eos_token_id],
-                                     [digits[d] for d in rejected] + [tokenizer.eos_token_id], "toy", len(out)))
+        out.append(EncodedPreference(prompt, [digits[d] for d in chosen] + end, [digits[d] for d in rejected] + end,
+                                     "toy", len(out)))
     return out
 
 
@@ -95,8 +108,8 @@ def sft_from_scratch(out_dir, tokenizer_path, demos: list[Encoded], steps: int =
                      batch_size: int = 64, seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
     """Build a tiny random Llama and behaviour-clone ``demos`` for ``steps`` AdamW steps, in-process.
 
-    The toy's pi_SFT: deliberately short training, so it learns the format (eight digits, then EOS) and
-    only part of the parity rule. Returns the HF-format folder.
+    The toy's pi_SFT: deliberately short training, so it falls short of the expert (module docstring:
+    60 steps for ``toy``, 40 for ``toy-fixed``). Returns the HF-format folder.
     """
     from pathlib import Path
 

@@ -61,6 +61,16 @@ def toy_sft(tmp_path_factory, smollm2_dir, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def toy_fixed_sft(tmp_path_factory, smollm2_dir, tokenizer):
+    """pi_SFT of the fixed-length toy (eight digits, no EOS): 40 steps from scratch (~12 s), golden ~0.74,
+    short of the expert's 0.9 on the parity rule itself (afd_ray/toy.py)."""
+    from afd_ray import toy
+
+    demos = toy.make_demonstrations(tokenizer, 1024, seed=0, eos=False)
+    return toy.sft_from_scratch(tmp_path_factory.mktemp("toy_fixed"), smollm2_dir, demos, steps=40, batch_size=32)
+
+
+@pytest.fixture(scope="session")
 def toy_init(tmp_path_factory, smollm2_dir, tokenizer):
     """The toy task's pi_init for Inverse-RLignment: the same from-scratch run stopped at 40 steps. It
     has learned the digits but not the length or the parity rule (held-out golden reward ~0.45)."""

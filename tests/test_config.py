@@ -53,6 +53,7 @@ def test_yaml_file(tmp_path):
     (["policy.dual_clip=0.5"], "policy.dual_clip must be 0 (off) or > 1"),
     (["nokey"], "must look like section.key=value"),
     (["policy.zero_stage=1"], "choose one of [2, 3]"),
+    (["policy.warmup_steps=-1"], "policy.warmup_steps must be >= 0, got -1"),
 ])
 def test_bad_values_name_key_and_choices(override, needle):
     with pytest.raises(ConfigError) as err:

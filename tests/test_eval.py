@@ -70,3 +70,19 @@ def test_toy_preference_subsets(tokenizer):
     worse = toy.golden_reward([p.prompt_ids for p in pairs], [p.rejected_ids for p in pairs], tokenizer)
     assert all(a > b for a, b in zip(g(pairs), worse))  # ranked by the golden reward
     assert all(len(p.chosen_ids) == len(p.rejected_ids) == 9 for p, s in zip(pairs, subsets) if s == "toy-parity")
+
+
+def test_fixed_length_toy_has_no_end_token_and_the_same_golden_reward(tokenizer):
+    from afd_ray import toy
+
+    fixed, ended = toy.make_demonstrations(tokenizer, 16, seed=3, eos=False), toy.make_demonstrations(tokenizer, 16, seed=3)
+    assert all(len(d.response_ids) == toy.LENGTH and tokenizer.eos_token_id not in d.response_ids for d in fixed)
+    assert [d.response_ids for d in fixed] == [d.response_ids[:-1] for d in ended]  # same digits, no EOS
+    gold = lambda ds: toy.golden_reward([d.prompt_ids for d in ds], [d.response_ids for d in ds], tokenizer)  # noqa: E731
+    assert gold(fixed) == gold(ended)
+    pairs, subsets = load_preference_pairs("toy-fixed", tokenizer, limit=24)
+    assert subsets == ["toy-parity"] * 24
+    assert all(len(p.chosen_ids) == len(p.rejected_ids) == toy.LENGTH for p in pairs)
+    better = toy.golden_reward([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], tokenizer)
+    worse = toy.golden_reward([p.prompt_ids for p in pairs], [p.rejected_ids for p in pairs], tokenizer)
+    assert all(a > b for a, b in zip(better, worse))

@@ -21,7 +21,12 @@ def load_preference_pairs(source: str, tokenizer, max_prompt_tokens: int = 1024,
     """Tokenised pairs and each pair's subset ("all" when the file has none). ``toy`` gives the toy task's
     golden-ranked pairs (afd_ray.toy.make_preferences, a seed no training run uses), half of them with
     responses of varying length (subset ``toy-length``) and half of 8 digits each (``toy-parity``: only the
-    parity rule separates them)."""
+    parity rule separates them). ``toy-fixed``: the fixed-length variant's pairs (8 digits, no end token),
+    all in subset ``toy-parity``."""
+    if source == "toy-fixed":
+        from afd_ray import toy
+
+        return toy.make_preferences(tokenizer, limit or 512, seed=7_778, eos=False), ["toy-parity"] * (limit or 512)
     if source == "toy":
         from afd_ray import toy
 

@@ -32,10 +32,11 @@ log = logging.getLogger("afd_ray")
 
 def build_preferences(cfg: Config, tokenizer) -> tuple[list[EncodedPreference], list[EncodedPreference]]:
     """Tokenised preference pairs, shuffled with the run seed, split into (train, held-out)."""
-    if cfg.data.preferences == "toy":
+    if cfg.data.preferences in ("toy", "toy-fixed"):
         from afd_ray import toy
 
-        encoded = toy.make_preferences(tokenizer, cfg.data.limit or 1024, seed=cfg.run.seed)
+        encoded = toy.make_preferences(tokenizer, cfg.data.limit or 1024, seed=cfg.run.seed,
+                                       eos=cfg.data.preferences == "toy")
     else:
         from afd_ray.data.readers import load_preferences
         from afd_ray.data.tokenize import encode_preferences

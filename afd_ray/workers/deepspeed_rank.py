@@ -27,6 +27,7 @@ class LearnerSpec:
     model_path: str
     dtype: str = "float32"
     lr: float = 1e-6
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first optimizer steps; 0 = constant
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     zero_stage: int = 2
@@ -83,7 +84,11 @@ class DeepSpeedRank:
             _freeze_lower(model, spec.freeze_layers)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(spec, world_size))
+        # the scheduler is DeepSpeed's client scheduler, so its step count is saved and resumed with the run
+        warm = spec.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=_ds_config(spec, world_size))
         self.device = self.engine.device
         self.steps = 0
         self._sync_group = None
@@ -144,13 +149,15 @@ class DeepSpeedRank:
             total += float(loss.detach())
             for key, v in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(v)
+        lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler advances in step())
         self.engine.step()
         self.steps += 1
         keys = sorted(stats_sum)
         reduced = self._all_reduce([total] + [stats_sum[k] for k in keys])
         # each rank's micro-batch losses are sum / (global count / world_size): the sum over ranks is
         # world_size times the global mean
-        out = {"loss": reduced[0] / self.world_size, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+        out = {"loss": reduced[0] / self.world_size, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+               "lr": lr}
         out.update({k: v for k, v in zip(keys, reduced[1:])})
         return out
 
