@@ -104,8 +104,27 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
             m.update({f"heldout/{k}": v for k, v in preference_accuracy(c.reward, prefs.heldout).items()})
     m.update(phase.seconds)
     m["time/iteration"] = sum(phase.seconds.values())
+    m.update(throughput(cfg, samples, seqs, probe, m))
     state.iteration = t
     return m
+
+
+def throughput(cfg: Config, samples, seqs: SequenceBatch, probe, m: dict[str, float]) -> dict[str, float]:
+    """Tokens (or pairs) per second of each role in this iteration, from the phase times: rollout =
+    generated tokens (training samples and the held-out probe), policy / critic = prompt + response tokens
+    processed (x epochs), reward = pairs processed, iteration = generated tokens over the whole iteration."""
+    generated = sum(map(len, samples.response_ids)) + (sum(map(len, probe.response_ids)) if probe else 0)
+    learned = sum(len(p) + len(r) for p, r in zip(seqs.prompts, seqs.responses)) * cfg.policy.epochs
+    out = {"throughput/rollout_tokens_per_s": generated / max(m.get("time/rollout", 0.0), 1e-9),
+           "throughput/tokens_per_s": generated / max(m["time/iteration"], 1e-9)}
+    if "time/policy" in m:
+        out["throughput/policy_tokens_per_s"] = learned / max(m["time/policy"], 1e-9)
+    if "time/critic" in m:
+        out["throughput/critic_tokens_per_s"] = learned / max(m["time/critic"], 1e-9)
+    if "time/reward" in m and "replay_pairs" in m:
+        pairs = m["replay_pairs"] * cfg.reward.epochs + m.get("preference_pairs", 0.0)
+        out["throughput/reward_pairs_per_s"] = pairs / max(m["time/reward"], 1e-9)
+    return out
 
 
 def reward_step(t: int, cfg: Config, demos: list[Encoded], idx: list[int], samples, c: Collaborators,

@@ -3,6 +3,7 @@
 Run directory layout:
     config.yaml             the resolved config
     metrics.jsonl           one line per finished iteration
+    tensorboard/            the same metrics as TensorBoard events (afd_ray.telemetry; also Ray gauges)
     checkpoints/iter_NNNNNN/{policy, reward}             HF-format models
                            {policy_state, reward_state}  DeepSpeed states (weights, optimizer, RNG)
                            loop.pt                       data cursor, pair replay, iteration
@@ -39,6 +40,8 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.ckpt = self.path / "checkpoints"
+        self._telemetry = None
+        self._purge_after: int | None = None
 
     @classmethod
     def create(cls, cfg: Config) -> RunDir:
@@ -73,10 +76,21 @@ class RunDir:
         return final
 
     def append_metrics(self, m: dict) -> None:
+        """One line of metrics.jsonl (fsynced), then the same numbers to TensorBoard and Ray gauges."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self._telemetry is None:
+            from afd_ray.telemetry import Telemetry
+
+            self._telemetry = Telemetry(self.path, self.path.name, purge_after=self._purge_after)
+        self._telemetry.log(m, int(m.get("iteration", m.get("step", 0))))
+
+    def close(self) -> None:
+        if self._telemetry is not None:
+            self._telemetry.close()
+            self._telemetry = None
 
     def metrics(self) -> list[dict]:
         f = self.path / "metrics.jsonl"
@@ -86,6 +100,7 @@ class RunDir:
         """Drop lines of iterations after the last complete checkpoint (they will be run again)."""
         kept = [m for m in self.metrics() if m["iteration"] <= last_iteration]
         atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+        self._purge_after = last_iteration  # TensorBoard drops its events after this step too
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -327,6 +342,7 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
             echo(f"stopped after iteration {state.iteration}; continue with --resume {rd.path}")
     finally:
         system.shutdown()
+        rd.close()
     return rd
 
 

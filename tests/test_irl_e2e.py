@@ -36,6 +36,15 @@ def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_sft, t
     assert not (rd.ckpt / "iter_000001").exists()  # keep_checkpoints=1
     report = (rd.path / "report.md").read_text()
     assert "Time per phase" in report and "final/heldout_policy" in report
+    for k in ("rollout_tokens_per_s", "policy_tokens_per_s", "reward_pairs_per_s", "tokens_per_s"):
+        assert all(m[f"throughput/{k}"] > 0 for m in ms), k
+    # the same numbers as TensorBoard events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(rd.path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("rollout/kl")] == [
+        (int(m["iteration"]), pytest.approx(m["rollout/kl"], rel=1e-6, abs=1e-7)) for m in ms]
 
 
 def test_stop_and_resume_reproduces_the_uninterrupted_run(ray_local, toy_sft, tmp_path):

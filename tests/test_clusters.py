@@ -1,0 +1,64 @@
+"""clusters/: the `ray up` YAMLs pass Ray's own cluster schema, and every job command they name parses."""
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from afd_ray.config import load_config
+
+CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
+RAY_UP = sorted(p for p in CLUSTERS.glob("*.yaml") if "kind" not in yaml.safe_load(p.read_text()))
+
+
+def job_args(text: str) -> list[list[str]]:
+    """The arguments after `jobs/irl_ultrachat.py` in every command a file names (comments included)."""
+    flat = re.sub(r"\\\n\s*#?\s*", " ", text)
+    return [shlex.split(m)[:] for m in re.findall(r"jobs/irl_ultrachat\.py ([^\n]*)", flat)]
+
+
+def config_of(args: list[str]):
+    assert args[0] == "--config"
+    return load_config(args[1], args[2:])
+
+
+@pytest.mark.parametrize("path", RAY_UP, ids=lambda p: p.name)
+def test_ray_up_yaml_passes_the_ray_cluster_schema(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(path.read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))  # raises jsonschema.ValidationError on a bad key
+    assert raw["file_mounts"] == {"~/afd_ray": "."}
+    assert any("pip install" in c and ".[gpu]" in c for c in raw["setup_commands"])
+    commands = job_args(path.read_text())
+    assert commands, f"{path.name} names no job command"
+    for args in commands:
+        assert config_of(args).run.device == "gpu"
+
+
+def test_a_wrong_key_fails_the_schema():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(RAY_UP[0].read_text())
+    raw["available_node_types"]["head"]["min_worker"] = 1  # typo of min_workers
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        validate_config(prepare_config(raw))
+
+
+def test_kuberay_rayjob_runs_a_preset_on_gpu_workers():
+    job = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    args = shlex.split(job["spec"]["entrypoint"])
+    assert args[:2] == ["python", "/home/ray/afd_ray/jobs/irl_ultrachat.py"]
+    cfg = config_of(args[2:])
+    assert cfg.run.output_dir.startswith("/mnt/shared")  # the shared volume: checkpoints survive the pods
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * w["replicas"]
+               for w in workers for c in w["template"]["spec"]["containers"])
+    from afd_ray.placement import plan
+
+    assert gpus >= plan(cfg).gpus(), f"the preset needs {plan(cfg).gpus()} GPUs, the workers have {gpus}"

@@ -1,0 +1,67 @@
+"""Metrics beyond metrics.jsonl: TensorBoard event files and Ray custom metrics (afd_ray.telemetry)."""
+
+import time
+import urllib.request
+
+import pytest
+
+from afd_ray.run import RunDir
+from afd_ray.telemetry import Telemetry, gauge_name
+
+
+def scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_gauge_names_are_prometheus_safe():
+    assert gauge_name("throughput/rollout_tokens_per_s") == "afd_ray_throughput_rollout_tokens_per_s"
+    assert gauge_name("golden/heldout-policy.v2") == "afd_ray_golden_heldout_policy_v2"
+
+
+def test_run_dir_writes_tensorboard_events_and_a_resume_purges_the_rerun_iterations(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    for t in (1, 2, 3):
+        rd.append_metrics({"iteration": float(t), "rollout/kl": 0.1 * t, "note": "text is skipped"})
+    rd.close()
+    seen = scalars(rd.path / "tensorboard")
+    assert seen["rollout/kl"] == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2)), (3, pytest.approx(0.3))]
+    assert "note" not in seen
+    # a crash after iteration 3's metrics but before its checkpoint: the resumed run repeats iteration 3
+    again = RunDir(rd.path)
+    again.truncate_metrics(2)
+    again.append_metrics({"iteration": 3.0, "rollout/kl": 0.9})
+    again.close()
+    assert scalars(rd.path / "tensorboard")["rollout/kl"] == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2)),
+                                                              (3, pytest.approx(0.9))]
+    assert [m["rollout/kl"] for m in again.metrics()] == [pytest.approx(0.1), pytest.approx(0.2), 0.9]
+
+
+def test_ray_gauges_reach_the_prometheus_endpoint(tmp_path):
+    """What the Ray dashboard's Metrics view (Prometheus) scrapes from the node, set from a driver."""
+    import ray
+
+    if ray.is_initialized():  # this test needs its own instance (a short metrics report interval)
+        ray.shutdown()
+    ray.init(num_cpus=1, include_dashboard=False, _system_config={"metrics_report_interval_ms": 200})
+    try:
+        port = ray._private.worker.global_worker.node.metrics_export_port
+        tel = Telemetry(tmp_path, "tele-run")
+        tel.log({"iteration": 1.0, "throughput/rollout_tokens_per_s": 123.5}, step=1)
+        want = 'ray_afd_ray_throughput_rollout_tokens_per_s{'  # Ray prefixes application metrics with ray_
+        text, deadline = "", time.time() + 60
+        while time.time() < deadline:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if want in text:
+                break
+            time.sleep(0.5)
+        line = next((ln for ln in text.splitlines() if ln.startswith(want)), None)
+        assert line is not None, f"no {want}... line on :{port}/metrics"
+        assert 'run="tele-run"' in line and float(line.rsplit(" ", 1)[1]) == 123.5
+        tel.close()
+    finally:
+        ray.shutdown()
