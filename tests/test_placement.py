@@ -51,3 +51,23 @@ def test_a_critic_gets_its_own_ranks_and_fits_the_colocated_gpus():
     sep = plan(load_config("ultrachat-8gpu", ["policy.algo=ppo", "critic.enabled=true", "critic.world_size=2"]))
     assert sep.gpus() == 10 and len(sep.groups["critic"]) == 2
     assert "critic" not in plan(load_config("cpu", ["policy.algo=ppo", "critic.enabled=true"]), ("policy",)).roles
+
+
+def test_the_rendezvous_point_is_picked_on_the_bundles_node(ray_local):
+    import socket
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from afd_ray.workers.group import rendezvous_point
+
+    pg = placement_group([{"CPU": 0.01}], strategy="PACK")
+    ray.get(pg.ready())
+    try:
+        node_id = ray.util.placement_group_table(pg)["bundles_to_node_id"][0]
+        ip, port = rendezvous_point(pg, 0)
+        assert ip == next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+        with socket.socket() as s:  # free there (this is that node)
+            s.bind(("", port))
+    finally:
+        remove_placement_group(pg)

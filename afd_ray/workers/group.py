@@ -29,13 +29,18 @@ def reserve(plan: Plan) -> dict[str, Any]:
     return groups
 
 
-def bundle_ip(pg, index: int) -> str:
-    """IP of the node that holds bundle ``index`` (rank 0 hosts the rendezvous store)."""
+def _ip_and_free_port() -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def rendezvous_point(pg, index: int) -> tuple[str, int]:
+    """(IP, free port) of the node that holds bundle ``index``. Rank 0 binds the torch.distributed store
+    there, so the port is picked on that node (on a cluster it is seldom the driver's)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     node_id = ray.util.placement_group_table(pg)["bundles_to_node_id"][index]
-    for node in ray.nodes():
-        if node["NodeID"] == node_id:
-            return node["NodeManagerAddress"]
-    return ray.util.get_node_ip_address()
+    probe = ray.remote(num_cpus=0)(_ip_and_free_port)
+    return ray.get(probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote())
 
 
 class ActorGroup:
@@ -51,8 +56,8 @@ class ActorGroup:
         remote_cls = ray.remote(cls)
         extra: dict[str, Any] = {}
         if ranked:
-            extra = {"world_size": self.world_size, "master_port": free_port(),
-                     "master_addr": bundle_ip(groups[slots[0].group], slots[0].bundle)}
+            addr, port = rendezvous_point(groups[slots[0].group], slots[0].bundle)
+            extra = {"world_size": self.world_size, "master_port": port, "master_addr": addr}
         self.actors = []
         for i, slot in enumerate(slots):
             options: dict[str, Any] = {
