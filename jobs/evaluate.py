@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="generate the responses with HF generate in-process, or a vLLM engine (Ray actor)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="where the vLLM engine runs")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from afd_ray.config import ConfigError, load_config
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
                      "timeout": a.judge_timeout}
         evaluate(targets, prompts, tokenizer, Path(a.out), golden=a.golden,
                  baseline=names.index(a.baseline) if a.baseline else 0, judge=judge, preferences=a.preferences,
-                 mtbench=a.mtbench, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+                 mtbench=a.mtbench, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
+                 engine=a.engine, device=a.device)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -86,3 +86,19 @@ def test_fixed_length_toy_has_no_end_token_and_the_same_golden_reward(tokenizer)
     better = toy.golden_reward([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], tokenizer)
     worse = toy.golden_reward([p.prompt_ids for p in pairs], [p.rejected_ids for p in pairs], tokenizer)
     assert all(a > b for a, b in zip(better, worse))
+
+
+@pytest.mark.slow
+def test_vllm_and_hf_generation_agree_greedily(ray_local, toy_sft, tokenizer, tmp_path):
+    """The evaluation's vLLM path (a short-lived rollout engine) and HF generate give the same greedy
+    responses, so `--engine vllm` changes the speed of an evaluation, not its answers."""
+    from afd_ray import toy
+    from afd_ray.eval.evaluate import evaluate, generate, generate_vllm
+
+    prompts = [d.prompt_ids for d in toy.make_demonstrations(tokenizer, 24, seed=5)]
+    fast = generate_vllm(str(toy_sft), prompts, tokenizer, max_new_tokens=10, temperature=0.0)
+    slow = generate(str(toy_sft), prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, 10, temperature=0.0)
+    assert fast == slow
+    assert sum(map(len, fast)) > 24 * 4
+    with pytest.raises(ValueError, match="engine must be 'hf' or 'vllm'"):
+        evaluate([], toy.make_demonstrations(tokenizer, 2, seed=5), tokenizer, tmp_path, engine="trt")
