@@ -111,8 +111,10 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
 
 def throughput(cfg: Config, samples, seqs: SequenceBatch, probe, m: dict[str, float]) -> dict[str, float]:
     """Tokens (or pairs) per second of each role in this iteration, from the phase times: rollout =
-    generated tokens (training samples and the held-out probe), policy / critic = prompt + response tokens
-    processed (x epochs), reward = pairs processed, iteration = generated tokens over the whole iteration."""
+    generated tokens (training samples and the held-out probe); policy / critic = prompt + response tokens
+    of the iteration's sequences (x epochs) over the whole phase (old log-probs and values included; for
+    online_dpo, which trains on the selected pairs only, a rate of the phase, not of the update); reward =
+    pairs processed; iteration = generated tokens over the whole iteration."""
     generated = sum(map(len, samples.response_ids)) + (sum(map(len, probe.response_ids)) if probe else 0)
     learned = sum(len(p) + len(r) for p, r in zip(seqs.prompts, seqs.responses)) * cfg.policy.epochs
     out = {"throughput/rollout_tokens_per_s": generated / max(m.get("time/rollout", 0.0), 1e-9),

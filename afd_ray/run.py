@@ -306,6 +306,8 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         policy_path, reward_path = str(path / "policy"), str(path / "reward")
         rd.truncate_metrics(t)
         echo(f"resuming {rd.path} after iteration {t}")
+    else:
+        rd.truncate_metrics(0)  # a rerun before any checkpoint starts its metrics afresh
     reference_path = resolve_model_path(cfg.model.reference) if cfg.model.reference else initial
     paths = {"rollout": policy_path, "policy": policy_path, "reward": reward_path, "reference": reference_path}
     roles = ROLES

@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
                    help="generate the responses with HF generate in-process, or a vLLM engine (Ray actor)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="where the vLLM engine runs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the vLLM engine's dtype (bfloat16 for large models on GPUs)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from afd_ray.config import ConfigError, load_config
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
         evaluate(targets, prompts, tokenizer, Path(a.out), golden=a.golden,
                  baseline=names.index(a.baseline) if a.baseline else 0, judge=judge, preferences=a.preferences,
                  mtbench=a.mtbench, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
-                 engine=a.engine, device=a.device)
+                 engine=a.engine, device=a.device, dtype=a.dtype)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ def test_ray_up_yaml_passes_the_ray_cluster_schema(path):
     raw = yaml.safe_load(path.read_text())
     validate_config(prepare_config(copy.deepcopy(raw)))  # raises jsonschema.ValidationError on a bad key
     assert raw["file_mounts"] == {"~/afd_ray": "."}
+    assert re.search(r"py3(1[1-9])", raw["docker"]["image"]), "the project needs Python >= 3.11 (pyproject.toml)"
     assert any("pip install" in c and ".[gpu]" in c for c in raw["setup_commands"])
     commands = job_args(path.read_text())
     assert commands, f"{path.name} names no job command"

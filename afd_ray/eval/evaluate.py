@@ -78,15 +78,19 @@ def generate(policy, prompts: list[list[int]], pad_token_id: int, eos_token_id: 
 
 
 def generate_vllm(policy: str, prompts: list[list[int]], tokenizer, max_new_tokens: int, temperature: float = 1.0,
-                  seed: int = 0, device: str = "cpu", dtype: str = "float32") -> list[list[int]]:
+                  seed: int = 0, device: str = "cpu", dtype: str = "float32",
+                  gpu_memory_utilization: float = 0.85) -> list[list[int]]:
     """One response per prompt from a short-lived vLLM engine (a Ray actor, as the IRL loop's rollout
     workers); temperature 0 is greedy. Much faster than ``generate`` for large models and many prompts."""
     from afd_ray.config import load_config
     from afd_ray.run import System, ensure_ray
     from afd_ray.types import SamplingSpec
 
-    cfg = load_config(None, [f"run.device={device}", f"model.dtype={dtype}",
-                             f"rollout.max_new_tokens={max_new_tokens}"])
+    overrides = [f"run.device={device}", f"model.dtype={dtype}", f"rollout.max_new_tokens={max_new_tokens}",
+                 f"data.max_prompt_tokens={max(map(len, prompts), default=1)}"]  # the engine's context fits every prompt
+    if device == "gpu":
+        overrides.append(f"rollout.gpu_memory_utilization={gpu_memory_utilization}")
+    cfg = load_config(None, overrides)
     ensure_ray()
     system = System(cfg, {"rollout": policy}, tokenizer, [], roles=("rollout",))
     try:
@@ -114,7 +118,7 @@ def chat_fn_for(policy: str, tokenizer, max_new_tokens: int):
 def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: Path, *, golden: str = "",
              baseline: int = 0, judge: dict | None = None, preferences: str = "", mtbench: str = "",
              max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0, engine: str = "hf",
-             device: str = "cpu") -> dict:
+             device: str = "cpu", dtype: str = "float32") -> dict:
     from afd_ray.eval.golden import load_golden, mean_se, win_rate
     from afd_ray.eval.report import plot_best_of_n, plot_judge, plot_run_curves, write_report
 
@@ -134,7 +138,7 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
         prompt_ids = [e.prompt_ids for e in prompts]
         if engine == "vllm":
             responses = {t.name: generate_vllm(t.policy, prompt_ids, tokenizer, max_new_tokens, temperature, seed,
-                                               device) for t in targets}
+                                               device, dtype) for t in targets}
         elif engine == "hf":
             responses = {t.name: generate(t.policy, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id,
                                           max_new_tokens, temperature, seed) for t in targets}

@@ -92,7 +92,10 @@ def run(cfg: Config, echo=print, rd=None):
     tokenizer = load_tokenizer(start)
     rd = rd or RunDir.create(cfg)
     ensure_ray()
-    recipes[cfg.run.method](cfg, rd, start, tokenizer, echo)
+    try:
+        recipes[cfg.run.method](cfg, rd, start, tokenizer, echo)
+    finally:
+        rd.close()
     return rd
 
 
@@ -120,6 +123,8 @@ class Progress:
             loop = torch.load(path / "loop.pt", weights_only=False)
             p.cursor, p.first, p.last_path = DataCursor(**loop["cursor"]), t + 1, path
             rd.truncate_metrics(t)
+        else:
+            rd.truncate_metrics(0)  # a rerun before any checkpoint starts its metrics afresh
         return p
 
     def model_path(self, default: str) -> str:

@@ -258,7 +258,10 @@ def run(cfg: Config, echo=print):
     for line in _table(table):
         echo(line)
     if cfg.bon.rl_iterations:
-        result["rl"] = rl_on_learned_reward(cfg, rd, sft_path, tokenizer, train, heldout, golden, echo)
+        try:
+            result["rl"] = rl_on_learned_reward(cfg, rd, sft_path, tokenizer, train, heldout, golden, echo)
+        finally:
+            rd.close()
     write_report(rd, cfg, result)
     echo(f"done: {rd.path} ({rd.path / 'report.md'})")
     return rd

@@ -84,9 +84,10 @@ class DeepSpeedRank:
             _freeze_lower(model, spec.freeze_layers)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-        # the scheduler is DeepSpeed's client scheduler, so its step count is saved and resumed with the run
+        # a warm-up is DeepSpeed's client scheduler, so its step count is saved and resumed with the run; none
+        # without one (checkpoints of constant-lr runs carry no scheduler state, and stay loadable)
         warm = spec.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm)) if warm else None
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=_ds_config(spec, world_size))
         self.device = self.engine.device
