@@ -135,3 +135,31 @@ def sft_from_scratch(out_dir, tokenizer_path, demos: list[Encoded], steps: int =
         loss.backward()
         opt.step()
     return save_model(model, tokenizer, out / "sft")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m afd_ray.toy OUT_DIR [--fixed]``: build the toy task's pi_SFT, ready for the presets."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m afd_ray.toy", description="Build the toy task's pi_SFT (a tiny "
+                                "Llama behaviour-cloned from scratch) for the `toy` / `toy-fixed` presets.")
+    p.add_argument("out", help="output folder (the model lands in OUT/sft)")
+    p.add_argument("--fixed", action="store_true", help="the fixed-length variant (preset toy-fixed)")
+    p.add_argument("--steps", type=int, default=0, help="SFT steps (default: 60, or 40 with --fixed)")
+    p.add_argument("--demonstrations", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from afd_ray.models.loading import load_tokenizer
+    from afd_ray.models.offline import smollm2_path
+
+    tokenizer_path = smollm2_path()
+    demos = make_demonstrations(load_tokenizer(str(tokenizer_path)), a.demonstrations, seed=a.seed, eos=not a.fixed)
+    path = sft_from_scratch(a.out, tokenizer_path, demos, steps=a.steps or (40 if a.fixed else 60), batch_size=32,
+                            seed=a.seed)
+    preset = "toy-fixed" if a.fixed else "toy"
+    print(f"pi_SFT: {path}\nrun: python jobs/irl_ultrachat.py --config {preset} model.policy={path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -102,3 +102,15 @@ def test_vllm_and_hf_generation_agree_greedily(ray_local, toy_sft, tokenizer, tm
     assert sum(map(len, fast)) > 24 * 4
     with pytest.raises(ValueError, match="engine must be 'hf' or 'vllm'"):
         evaluate([], toy.make_demonstrations(tokenizer, 2, seed=5), tokenizer, tmp_path, engine="trt")
+
+
+def test_toy_sft_command_builds_a_policy_the_preset_takes(tmp_path, capsys):
+    from afd_ray import toy
+    from afd_ray.config import load_config
+    from afd_ray.models.loading import load_policy
+
+    assert toy.main([str(tmp_path / "toy"), "--fixed", "--steps", "2", "--demonstrations", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"--config toy-fixed model.policy={tmp_path / 'toy' / 'sft'}" in out
+    assert load_policy(str(tmp_path / "toy" / "sft")).config.num_hidden_layers == 2
+    assert load_config("toy-fixed", [f"model.policy={tmp_path / 'toy' / 'sft'}"]).data.demonstrations == "toy-fixed"
