@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from afd_ray import toy
 from afd_ray.config import Config, ConfigError, load_config
 from afd_ray.data.tokenize import Encoded, TruncationRules, encode_demonstrations
 from afd_ray.driver import Collaborators, LoopState, PreferenceData, evaluate_policy, irl_iteration
@@ -116,11 +117,9 @@ def atomic_write(path: Path, text: str) -> None:
 
 def build_data(cfg: Config, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
     """Tokenised demonstrations, shuffled with the run seed, split into (train, held-out)."""
-    if cfg.data.demonstrations in ("toy", "toy-fixed"):
-        from afd_ray import toy
-
+    if cfg.data.demonstrations in toy.SOURCES:
         encoded = toy.make_demonstrations(tokenizer, cfg.data.limit or 1024, seed=cfg.run.seed,
-                                          eos=cfg.data.demonstrations == "toy")
+                                          eos=toy.SOURCES[cfg.data.demonstrations])
     else:
         from afd_ray.data.readers import load_demonstrations
 
@@ -273,14 +272,12 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         if cfg is not None:  # allow a longer schedule or a different stop point on resume
             saved.run.iterations, saved.run.stop_after = cfg.run.iterations, cfg.run.stop_after
         cfg = saved
-        from afd_ray.methods.baselines import RESUMABLE
+        from afd_ray.methods import baselines
 
-        if cfg.run.method in RESUMABLE:
-            from afd_ray.methods import baselines
-
+        if cfg.run.method in baselines.RESUMABLE:
             return baselines.run(cfg, echo, rd=rd)
         if cfg.run.method not in ("irl", "aihf"):
-            raise ConfigError(f"--resume continues irl, aihf, {', '.join(RESUMABLE)} runs; {rd.path} is a "
+            raise ConfigError(f"--resume continues irl, aihf, {', '.join(baselines.RESUMABLE)} runs; {rd.path} is a "
                               f"{cfg.run.method} run (an SFT job resumes when run again with the same run.name)")
     elif cfg.run.method not in ("irl", "aihf"):
         return run_method(cfg, echo)
@@ -304,10 +301,8 @@ def run(cfg: Config | None = None, resume: str | Path | None = None, echo=print)
         state = LoopState(cursor=DataCursor(**loop["cursor"]), replay=PairReplay(loop["replay"]), iteration=t,
                           pref_cursor=DataCursor(**loop["pref_cursor"]) if loop.get("pref_cursor") else None)
         policy_path, reward_path = str(path / "policy"), str(path / "reward")
-        rd.truncate_metrics(t)
         echo(f"resuming {rd.path} after iteration {t}")
-    else:
-        rd.truncate_metrics(0)  # a rerun before any checkpoint starts its metrics afresh
+    rd.truncate_metrics(last[0] if last else 0)  # iterations after the last checkpoint run again
     reference_path = resolve_model_path(cfg.model.reference) if cfg.model.reference else initial
     paths = {"rollout": policy_path, "policy": policy_path, "reward": reward_path, "reference": reference_path}
     roles = ROLES

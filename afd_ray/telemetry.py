@@ -28,7 +28,7 @@ def gauge_name(key: str) -> str:
 class Telemetry:
     """One run's metric sinks. ``log(m, step)`` takes the dict that goes to metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, run_name: str, purge_after: int | None = None, ray_metrics: bool = True):
+    def __init__(self, run_dir: Path, run_name: str, purge_after: int | None = None):
         self.run_name = run_name
         self._tb = None
         try:
@@ -38,7 +38,6 @@ class Telemetry:
         else:
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"),
                                      purge_step=None if purge_after is None else purge_after + 1)
-        self._ray = ray_metrics
         self._gauges: dict[str, object] = {}
 
     def log(self, m: dict, step: int) -> None:
@@ -47,8 +46,7 @@ class Telemetry:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
             self._tb.flush()
-        if self._ray:
-            self._set_gauges(scalars)
+        self._set_gauges(scalars)
 
     def _set_gauges(self, scalars: dict[str, float]) -> None:
         import ray

@@ -24,6 +24,7 @@ from afd_ray.data.tokenize import Encoded, EncodedPreference
 
 LENGTH = 8
 PROMPT_DIGITS = 4
+SOURCES = {"toy": True, "toy-fixed": False}  # data source name -> responses end with EOS
 
 
 def digit_ids(tokenizer) -> list[int]:
@@ -41,6 +42,7 @@ def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.
     digits = digit_ids(tokenizer)
     sep = tokenizer.convert_tokens_to_ids(":")
     g = torch.Generator().manual_seed(seed)
+    end = [tokenizer.eos_token_id] if eos else []
     out = []
     for i in range(n):
         x = torch.randint(0, 10, (PROMPT_DIGITS,), generator=g).tolist()
@@ -51,7 +53,6 @@ def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.
             pool = [d for d in range(10) if (d % 2 == parity) == match]
             y.append(pool[int(torch.randint(0, len(pool), (), generator=g))])
         prompt = [tokenizer.bos_token_id] + [digits[d] for d in x] + [sep]
-        end = [tokenizer.eos_token_id] if eos else []
         out.append(Encoded(prompt, [digits[d] for d in y] + end, False, "toy", i))
     return out
 

@@ -61,12 +61,16 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(ray_local, toy_sft, tm
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["iteration"], k)
 
 
+def final_golden(rd) -> float:
+    """The final policy's held-out golden reward, as the run's report gives it."""
+    return float((rd.path / "report.md").read_text().split("final/heldout_policy: ")[1].split()[0])
+
+
 def golden_gain(tmp_path, sft, name, *overrides):
     """(golden reward of pi_SFT's held-out samples, of the final IRL policy's) on the toy task."""
     rd = run(toy_cfg(sft, tmp_path, name, *overrides), echo=lambda *_: None)
     ms = rd.metrics()
-    report = (rd.path / "report.md").read_text()
-    final = float(report.split("final/heldout_policy: ")[1].split()[0])
+    final = final_golden(rd)
     assert statistics.mean(m["heldout/reward_accuracy"] for m in ms[-3:]) > 0.6  # the RM tells demos apart
     return ms[0]["golden/heldout_policy"], final, rd  # iteration 1 samples come from pi_SFT, before any update
 
@@ -118,8 +122,7 @@ def test_toy_fixed_irl_beats_sft_and_its_reward_model_learns_the_rule(ray_local,
     ms = rd.metrics()
     warm = [m for m in ms if "rollout/reward" not in m]  # reward warm-up: no policy step yet
     assert len(warm) == 3 and warm[-1]["heldout/reward_accuracy"] > 0.6  # demos told from pi_SFT's samples
-    report = (rd.path / "report.md").read_text()
-    sft, irl = ms[0]["golden/heldout_policy"], float(report.split("final/heldout_policy: ")[1].split()[0])
+    sft, irl = ms[0]["golden/heldout_policy"], final_golden(rd)
     assert irl > sft + 0.08, f"{algo}: golden reward {sft:.3f} (SFT) -> {irl:.3f} (IRL), 256 held-out prompts"
     # the learned reward ranks unseen equal-length pairs ordered by the golden reward: it encodes the rule
     pairs, subsets = load_preference_pairs("toy-fixed", tokenizer, limit=256)

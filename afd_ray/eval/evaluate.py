@@ -83,8 +83,8 @@ def generate_vllm(policy: str, prompts: list[list[int]], tokenizer, max_new_toke
     """One response per prompt from a short-lived vLLM engine (a Ray actor, as the IRL loop's rollout
     workers); temperature 0 is greedy. Much faster than ``generate`` for large models and many prompts."""
     from afd_ray.config import load_config
-    from afd_ray.run import System, ensure_ray
-    from afd_ray.types import SamplingSpec
+    from afd_ray.methods.irlignment import sample_once
+    from afd_ray.run import ensure_ray
 
     overrides = [f"run.device={device}", f"model.dtype={dtype}", f"rollout.max_new_tokens={max_new_tokens}",
                  f"data.max_prompt_tokens={max(map(len, prompts), default=1)}"]  # the engine's context fits every prompt
@@ -92,12 +92,7 @@ def generate_vllm(policy: str, prompts: list[list[int]], tokenizer, max_new_toke
         overrides.append(f"rollout.gpu_memory_utilization={gpu_memory_utilization}")
     cfg = load_config(None, overrides)
     ensure_ray()
-    system = System(cfg, {"rollout": policy}, tokenizer, [], roles=("rollout",))
-    try:
-        spec = SamplingSpec(n=1, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, seed=seed)
-        return system.handles["rollout"].generate(prompts, spec).response_ids
-    finally:
-        system.shutdown()
+    return sample_once(cfg, policy, prompts, tokenizer, seed, temperature=temperature)
 
 
 def chat_fn_for(policy: str, tokenizer, max_new_tokens: int):

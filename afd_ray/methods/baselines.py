@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from afd_ray import toy
 from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded, EncodedPreference, TruncationRules
 from afd_ray.eval.golden import load_golden
@@ -32,11 +33,9 @@ log = logging.getLogger("afd_ray")
 
 def build_preferences(cfg: Config, tokenizer) -> tuple[list[EncodedPreference], list[EncodedPreference]]:
     """Tokenised preference pairs, shuffled with the run seed, split into (train, held-out)."""
-    if cfg.data.preferences in ("toy", "toy-fixed"):
-        from afd_ray import toy
-
+    if cfg.data.preferences in toy.SOURCES:
         encoded = toy.make_preferences(tokenizer, cfg.data.limit or 1024, seed=cfg.run.seed,
-                                       eos=cfg.data.preferences == "toy")
+                                       eos=toy.SOURCES[cfg.data.preferences])
     else:
         from afd_ray.data.readers import load_preferences
         from afd_ray.data.tokenize import encode_preferences
@@ -122,9 +121,7 @@ class Progress:
             t, path = latest
             loop = torch.load(path / "loop.pt", weights_only=False)
             p.cursor, p.first, p.last_path = DataCursor(**loop["cursor"]), t + 1, path
-            rd.truncate_metrics(t)
-        else:
-            rd.truncate_metrics(0)  # a rerun before any checkpoint starts its metrics afresh
+        rd.truncate_metrics(p.first - 1)  # iterations after the last checkpoint run again
         return p
 
     def model_path(self, default: str) -> str:

@@ -171,13 +171,16 @@ def train_discriminator(reward, pairs: PairBatch, cfg: Config) -> dict[str, floa
 
 # ---- the recipe ------------------------------------------------------------------------------------------
 
-def sample_once(cfg: Config, model_path: str, prompts: list[list[int]], tokenizer, seed: int) -> list[list[int]]:
-    """One response per prompt from ``model_path`` with a short-lived rollout engine."""
+def sample_once(cfg: Config, model_path: str, prompts: list[list[int]], tokenizer, seed: int,
+                temperature: float | None = None) -> list[list[int]]:
+    """One response per prompt from ``model_path`` with a short-lived rollout engine, sampled as
+    ``cfg.rollout`` says (``temperature`` overrides it; 0 = greedy)."""
     from afd_ray.run import System
 
     system = System(cfg, {"rollout": model_path}, tokenizer, [], roles=("rollout",))
     try:
-        spec = SamplingSpec(n=1, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        temperature = cfg.rollout.temperature if temperature is None else temperature
+        spec = SamplingSpec(n=1, temperature=temperature, top_p=cfg.rollout.top_p,
                             max_tokens=cfg.rollout.max_new_tokens, seed=seed)
         return system.handles["rollout"].generate(prompts, spec).response_ids
     finally:
