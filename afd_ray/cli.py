@@ -1,5 +1,6 @@
 """The command line shared by the jobs in ``jobs/``: a preset or YAML, ``section.key=value`` overrides,
-``--resume RUN_DIR``, ``--help-config``. Exit status 2 on a configuration error (the message names the key)."""
+``--resume RUN_DIR [overrides]``, ``--help-config``. Exit status 2 on a configuration error (the message
+names the key), 3 when a run stops by itself (restarts used up, non-finite values): it is resumable."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from afd_ray.config import ConfigError, describe, load_config
 def main(argv=None, *, method: str | None = None, default_config: str = "cpu", doc: str = "") -> int:
     parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
-    parser.add_argument("--config", default=default_config, help="preset name (afd_ray/presets) or YAML path")
+    parser.add_argument("--config", default=None, help=f"preset name (afd_ray/presets) or YAML path "
+                                                       f"(default: {default_config})")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
-                        help="continue RUN_DIR after its last complete iteration (its saved config is used; "
-                             "run.iterations and run.stop_after may be overridden)")
+                        help="continue RUN_DIR after its last complete checkpoint with its saved config; overrides "
+                             "given with it change that config (e.g. run.iterations=8 extends the run)")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. policy.lr=1e-6")
     args = parser.parse_args(argv)
@@ -25,18 +27,30 @@ def main(argv=None, *, method: str | None = None, default_config: str = "cpu", d
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = list(args.overrides)
-    if method is not None:
-        given = [o for o in overrides if o.startswith("run.method=")]
-        if given and given[-1] != f"run.method={method}":
-            print(f"config error: this job runs run.method={method}; got {given[-1]}", file=sys.stderr)
-            return 2
-        overrides = [f"run.method={method}"] + overrides
-    try:
-        cfg = load_config(args.config, overrides)
-        from afd_ray.run import run
+    given = [o for o in overrides if o.startswith("run.method=")]
+    if method is not None and given and given[-1] != f"run.method={method}":
+        print(f"config error: this job runs run.method={method}; got {given[-1]}", file=sys.stderr)
+        return 2
+    from afd_ray.run import run
+    from afd_ray.runtime.guard import NonFiniteError
+    from afd_ray.runtime.loop import RunStopped
 
-        run(cfg, resume=args.resume)
+    try:
+        if args.resume is not None:
+            if args.config is not None:
+                raise ConfigError("--resume RUN_DIR uses the run's saved config: drop --config (give changes as "
+                                  "section.key=value overrides)")
+            if given:
+                raise ConfigError("--resume cannot change run.method")
+            run(None, resume=args.resume, overrides=overrides)
+        else:
+            if method is not None:
+                overrides = [f"run.method={method}"] + overrides
+            run(load_config(args.config or default_config, overrides))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (RunStopped, NonFiniteError) as e:
+        print(f"run stopped: {e}", file=sys.stderr)
+        return 3
     return 0

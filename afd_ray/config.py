@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ class ModelConfig:
     lora_r: int = 0
     """LoRA rank for the policy and reward learners; 0 trains all weights."""
     lora_alpha: int = 16
-    """LoRA scaling alpha (effective scale alpha / r)."""
+    """LoRA scaling alpha (effective scale alpha / r); must be > 0 (checked even when lora_r=0)."""
 
 
 @dataclass
@@ -72,6 +73,13 @@ class DataConfig:
     """What to do with a too-long demonstration response."""
     on_bad_row: Literal["error", "skip"] = "error"
     """Malformed rows: stop with an error naming file, row and field, or skip them and report the count."""
+    max_skip_fraction: float = 0.1
+    """With on_bad_row=skip: stop with an error when more than this share of the rows is bad (a wrong file
+    or field mapping, not a few broken rows)."""
+    on_special_tokens: Literal["error", "escape"] = "error"
+    """Text that contains the chat template's control tokens (`<|im_end|>`, `<|im_start|>assistant`, the eos
+    token): `error` names the file, row and field; `escape` tokenises it as plain text, never as control
+    tokens (a forged turn or an end of turn inside a response)."""
 
 
 @dataclass
@@ -280,6 +288,16 @@ class RunConfig:
     checkpoint_every: int = 1
     """Checkpoint every this many iterations and after the last one (a resumed run repeats the iterations
     after the last checkpoint)."""
+    max_restarts: int = 2
+    """Recoveries inside one job: when an actor dies or a call passes its deadline, the actor groups are
+    recreated from the last checkpoint and the run continues; after this many the run stops (resumable)."""
+    call_timeout_s: float = 1800.0
+    """Deadline of every remote call (a rollout, a learner step, a checkpoint save...); a call past it is
+    treated as a dead actor. 0 = wait forever."""
+    max_nonfinite: int = 3
+    """Non-finite rewards, losses, gradient norms or sync log-probs: the step is skipped and counted
+    (`<role>/nonfinite_skips`); this many in a row of one role stops the run with an error, its last
+    checkpoint intact."""
     golden_reward: str = ""
     """Optional golden reward, logged every iteration: `module:function(prompts, responses, tokenizer) ->
     list[float]` on token ids (afd_ray.toy:golden_reward for the toy task), or the path / Hub id of an HF
@@ -411,6 +429,35 @@ def _flatten(tree: dict[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
+class _NoRepeatedKeysLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain PyYAML keeps the last one silently,
+    so a section written twice would lose the first one's values)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _refuse_repeated_keys(node, self.name, "")
+        return node
+
+
+def _refuse_repeated_keys(node: yaml.Node, source: str, prefix: str) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, source, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if key in first_line:
+            raise ConfigError(f"{source}: {key!r} is given twice (lines {first_line[key]} and {line}); YAML would "
+                              f"silently keep only the second: merge them into one")
+        first_line[key] = line
+        _refuse_repeated_keys(value_node, source, f"{key}.")
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -427,7 +474,8 @@ def load_config(preset_or_yaml: str | None = None, overrides: list[str] | None =
         elif not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            with path.open(encoding="utf-8") as f:
+                tree = yaml.load(f, Loader=_NoRepeatedKeysLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         for key, value in _flatten(tree, str(path)).items():
@@ -445,11 +493,23 @@ def load_config(preset_or_yaml: str | None = None, overrides: list[str] | None =
     return cfg
 
 
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field and range checks, each naming the key."""
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
+
+    # First, so that a NaN is named as such rather than failing some range check below.
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            need(not isinstance(value, float) or math.isfinite(value),
+                 f"{section.name}.{f.name} must be a finite number, got {value}")
 
     for key in ("rollout.num_workers", "rollout.tensor_parallel_size", "rollout.prompts_per_iteration",
                 "rollout.n", "rollout.max_new_tokens", "policy.epochs", "policy.mini_batches", "policy.micro_batch_size",
@@ -458,9 +518,24 @@ def validate(cfg: Config) -> None:
                 "run.iterations", "data.max_prompt_tokens", "data.max_response_tokens"):
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
-    for key in ("policy.lr", "reward.lr"):
-        section, name = key.split(".")
-        need(getattr(getattr(cfg, section), name) > 0, f"{key} must be > 0")
+    for key in ("policy.lr", "reward.lr", "sft.lr", "critic.lr", "policy.dpo_beta", "run.sync_check_tol"):
+        need(_get(cfg, key) > 0, f"{key} must be > 0, got {_get(cfg, key)}")
+    for key in ("policy.weight_decay", "policy.rpo_alpha", "policy.grad_clip", "policy.dpo_min_gap",
+                "reward.margin", "reward.grad_clip", "reward.freeze_layers", "sft.weight_decay", "sft.grad_clip",
+                "sft.max_steps", "sft.warmup_steps", "critic.vf_coef", "critic.value_clip", "bon.rm_prompts",
+                "bon.prompts", "bon.rl_iterations", "run.max_restarts", "run.call_timeout_s"):
+        need(_get(cfg, key) >= 0, f"{key} must be >= 0, got {_get(cfg, key)}")
+    need(cfg.model.lora_alpha > 0, f"model.lora_alpha must be > 0, got {cfg.model.lora_alpha} (LoRA is switched "
+                                   f"off with model.lora_r=0)")
+    need(cfg.run.max_nonfinite >= 1, f"run.max_nonfinite must be >= 1, got {cfg.run.max_nonfinite}")
+    need(cfg.sft.max_failures >= -1, f"sft.max_failures must be >= 0, or -1 (retry forever), got "
+                                     f"{cfg.sft.max_failures}")
+    need(0 <= cfg.data.max_skip_fraction <= 1,
+         f"data.max_skip_fraction must be in [0, 1], got {cfg.data.max_skip_fraction}")
+    name = cfg.run.name
+    need(not ("/" in name or "\\" in name or ".." in name or name.startswith(".")),
+         f"run.name={name!r} must be a plain folder name inside run.output_dir: no '/', '\\', '..' "
+         f"and no leading '.'")
     need(cfg.policy.beta >= 0, f"policy.beta must be >= 0, got {cfg.policy.beta}")
     need(cfg.policy.warmup_steps >= 0, f"policy.warmup_steps must be >= 0, got {cfg.policy.warmup_steps}")
     need(0 < cfg.rollout.temperature, f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
@@ -486,7 +561,6 @@ def validate(cfg: Config) -> None:
                 "critic.world_size"):
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
-    need(cfg.sft.lr > 0 and cfg.critic.lr > 0, "sft.lr and critic.lr must be > 0")
     need(cfg.sft.batch_size % (cfg.sft.micro_batch_size * cfg.sft.num_workers) == 0,
          f"sft.batch_size ({cfg.sft.batch_size}) must be a multiple of sft.micro_batch_size * sft.num_workers "
          f"({cfg.sft.micro_batch_size} * {cfg.sft.num_workers})")

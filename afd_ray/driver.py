@@ -21,9 +21,11 @@ import torch
 
 from afd_ray.algo.credit import policy_batch, sequences
 from afd_ray.config import Config
-from afd_ray.data.tokenize import Encoded
+from afd_ray.data.tokenize import Encoded, EncodedPreference
 from afd_ray.replay import DataCursor, PairReplay
+from afd_ray.runtime.guard import NonFiniteGuard, finite
 from afd_ray.types import PairBatch, SamplingSpec, SequenceBatch
+from afd_ray.workers.handles import WeightSyncError
 
 
 @dataclass
@@ -35,6 +37,14 @@ class Collaborators:
     sync: Callable[[], dict[str, float]]  # push theta to the engines and check them
     golden: Callable[[list[list[int]], list[list[int]]], list[float]] | None = None
     critic: Any = None  # values(SequenceBatch) -> per-token lists; update(seqs, returns, old_values, clip, coef)
+
+    @classmethod
+    def of(cls, system, golden=None) -> Collaborators:
+        """The real collaborators: the handles of an ``afd_ray.runtime.system.System``."""
+        h = system.handles
+        return cls(rollout=h.get("rollout"), policy=h.get("policy"), reward=h.get("reward"),
+                   reference=h.get("reference"), sync=system.sync.sync if system.sync else None, golden=golden,
+                   critic=h.get("critic"))
 
 
 @dataclass
@@ -76,11 +86,13 @@ def sampling(cfg: Config, t: int, n: int | None = None) -> SamplingSpec:
 
 
 def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encoded], c: Collaborators,
-                  state: LoopState, learn_reward: bool = True, prefs: PreferenceData | None = None
-                  ) -> dict[str, float]:
+                  state: LoopState, learn_reward: bool = True, prefs: PreferenceData | None = None,
+                  guard: NonFiniteGuard | None = None) -> dict[str, float]:
     """One alternation; returns its metrics. Mutates ``state`` (cursor, replay, iteration).
     ``learn_reward=False`` keeps r_phi fixed (RL on a learned reward, e.g. after Inverse-RLignment);
-    ``prefs`` (aihf) mixes preference pairs into the reward step (seeds/004 Eq. 24a)."""
+    ``prefs`` (aihf) mixes preference pairs into the reward step (seeds/004 Eq. 24a). ``guard`` skips and
+    counts the steps whose rewards, losses, gradients or sync log-probs are not finite."""
+    guard = guard or NonFiniteGuard(cfg.run.max_nonfinite)
     phase, m = Phases(), {"iteration": float(t)}
     idx = state.cursor.take(cfg.rollout.prompts_per_iteration)
     with phase("rollout"):
@@ -90,8 +102,9 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
     seqs = sequences(samples)
     if learn_reward:
         m.update(reward_step(t, cfg, demos, idx, samples, c, state, phase, prefs.train if prefs else None))
+        guard.ok("reward", t, m.get("reward/nonfinite", 0.0) == 0.0, "reward-model loss or gradients")
     if t > cfg.reward.warmup_iterations or not learn_reward:
-        m.update(policy_step(cfg, samples, seqs, c, phase))
+        m.update(policy_step(cfg, samples, seqs, c, phase, guard, t))
     with phase("diagnostics"):
         m["rollout/response_length"] = sum(map(len, samples.response_ids)) / len(samples.response_ids)
         if c.golden is not None:
@@ -99,10 +112,9 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
         if probe is not None:
             m.update(heldout_diagnostics(heldout, probe.response_ids, c))
         if prefs is not None and prefs.heldout:
-            from afd_ray.methods.baselines import preference_accuracy
-
             m.update({f"heldout/{k}": v for k, v in preference_accuracy(c.reward, prefs.heldout).items()})
     m.update(phase.seconds)
+    m.update(guard.metrics())
     m["time/iteration"] = sum(phase.seconds.values())
     m.update(throughput(cfg, samples, seqs, probe, m))
     state.iteration = t
@@ -141,7 +153,7 @@ def reward_step(t: int, cfg: Config, demos: list[Encoded], idx: list[int], sampl
         window = state.replay.window(t, cfg.reward.replay_window)
         m["replay_pairs"] = float(len(window))
         order = torch.randperm(len(window), generator=torch.Generator().manual_seed(cfg.run.seed + t)).tolist()
-        stats, used = {}, 0
+        stats, used, skipped = {}, 0, 0.0
         for _ in range(cfg.reward.epochs):
             for s in range(0, len(order), cfg.reward.batch_size):
                 chunk = [window[i] for i in order[s:s + cfg.reward.batch_size]]
@@ -151,7 +163,9 @@ def reward_step(t: int, cfg: Config, demos: list[Encoded], idx: list[int], sampl
                                             cfg.reward.demo_weight, cfg.reward.preference_weight)
                     used += len(chunk)
                 stats = c.reward.update(pairs, cfg.reward.loss, cfg.reward.margin)
+                skipped += stats.get("nonfinite", 0.0)
         m.update({f"reward/{k}": v for k, v in stats.items()})
+        m["reward/nonfinite"] = skipped  # updates of this step that DeepSpeed skipped for NaN/inf gradients
         if prefs:
             m["preference_pairs"] = float(used)
     return m
@@ -170,13 +184,18 @@ def mix_preferences(demo_pairs: PairBatch, prefs: list, gamma: float, alpha: flo
     return PairBatch(chosen, rejected, weight)
 
 
-def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, phase: Phases) -> dict[str, float]:
-    """Score with r_phi_{t+1}, get log pi_ref, take the KL-regularised policy step (Eq. 21b), sync."""
+def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, phase: Phases,
+                guard: NonFiniteGuard, t: int) -> dict[str, float]:
+    """Score with r_phi_{t+1}, get log pi_ref, take the KL-regularised policy step (Eq. 21b), sync. A
+    non-finite reward or reference log-prob skips the step (nothing to sync: the engines stay current)."""
     m: dict[str, float] = {}
     with phase("score"):
         reward = c.reward.score(seqs)
     with phase("reference"):
         ref_logp = c.reference.logprobs(seqs)
+    if not (guard.ok("score", t, finite(reward.tolist()), "rewards of the samples")
+            and guard.ok("reference", t, finite(x for row in ref_logp for x in row), "reference log-probs")):
+        return m
     with phase("policy"):  # Eq. 21b
         steps = cfg.policy.epochs * cfg.policy.mini_batches
         old = c.policy.logprobs(seqs) if cfg.policy.algo == "ppo" or steps > 1 else None
@@ -187,12 +206,16 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
                                      dpo_beta=cfg.policy.dpo_beta, dpo_min_gap=cfg.policy.dpo_min_gap,
                                      rpo_alpha=cfg.policy.rpo_alpha, old_logp=old, values=values,
                                      gamma=cfg.critic.gamma, lam=cfg.critic.lam)
-        stats = {}  # stays empty when there is nothing to learn from (online_dpo: every group tied)
+        stats, skipped = {}, 0.0  # stats stay empty when there is nothing to learn from (online_dpo: all tied)
         for _ in range(cfg.policy.epochs):
             for part in batch.split(cfg.policy.mini_batches):
                 stats = c.policy.update(part)
+                skipped += stats.get("nonfinite", 0.0)
         m.update({f"policy/{k}": v for k, v in stats.items()})
+        m["policy/nonfinite"] = skipped
         m.update({f"rollout/{k}": v for k, v in credit.items()})
+    if not guard.ok("policy", t, skipped == 0.0, "policy loss or gradients"):
+        return m  # DeepSpeed skipped the update (a skip in an earlier mini-batch leaves the later ones applied)
     if values is not None:
         with phase("critic"):  # the value model regresses onto the GAE returns, clipped around V_old
             stats = {}
@@ -203,8 +226,22 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
                                             cfg.critic.vf_coef)
             m.update({f"critic/{k}": v for k, v in stats.items()})
     with phase("sync"):
-        m.update({f"sync/{k}": v for k, v in c.sync().items()})
+        m.update({f"sync/{k}": v for k, v in synced(c, guard, t).items()})
     return m
+
+
+def synced(c: Collaborators, guard: NonFiniteGuard, t: int) -> dict[str, float]:
+    """Sync and check; non-finite log-probs on the engine side (weights damaged in transit) are counted and
+    the sync is tried again, up to ``run.max_nonfinite`` in a row. A finite disagreement is an error at once."""
+    while True:
+        try:
+            out = c.sync()
+            guard.ok("sync", t, True)
+            return out
+        except WeightSyncError as e:
+            if e.role is None:
+                raise
+            guard.ok("sync" if e.role == "rollout" else e.role, t, False, f"weight-sync log-probs ({e})")
 
 
 def _parts(n: int, parts: int) -> list[tuple[int, int]]:
@@ -230,6 +267,20 @@ def evaluate_policy(cfg: Config, heldout: list[Encoded], c: Collaborators, tag: 
     """Sample the current policy once per held-out prompt and report what ``heldout_diagnostics`` does."""
     probe = c.rollout.generate([d.prompt_ids for d in heldout], sampling(cfg, -10**6, n=1))
     return {f"{tag}/{k.split('/', 1)[1]}": v for k, v in heldout_diagnostics(heldout, probe.response_ids, c).items()}
+
+
+def preference_pairs(prefs: list[EncodedPreference], weight: float | None = None) -> PairBatch:
+    prompts = [p.prompt_ids for p in prefs]
+    return PairBatch(SequenceBatch(prompts, [p.chosen_ids for p in prefs]),
+                     SequenceBatch(prompts, [p.rejected_ids for p in prefs]),
+                     None if weight is None else torch.full((len(prefs),), float(weight)))
+
+
+def preference_accuracy(rm, prefs: list[EncodedPreference]) -> dict[str, float]:
+    """Reward accuracy on preference pairs: how often r(x, y_w) > r(x, y_l), and the mean gap."""
+    pairs = preference_pairs(prefs)
+    rw, rl = rm.score(pairs.chosen), rm.score(pairs.rejected)
+    return {"preference_accuracy": float((rw > rl).float().mean()), "reward_gap": float((rw - rl).mean())}
 
 
 def _mean(xs: list[float]) -> float:

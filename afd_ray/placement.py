@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from afd_ray.config import Config
+from afd_ray.config import Config, ConfigError
 
 CPU_SHARE = 0.1  # Ray CPU accounting per actor on a CPU-only run (they all share the node's cores)
 COLOCATED_GPU_SHARE = {"policy": 0.4, "rollout": 0.3, "reward": 0.2, "reference": 0.1}
@@ -40,6 +40,38 @@ class Plan:
     def gpus(self) -> float:
         return sum(b.get("GPU", 0) for bundles in self.groups.values() for b in bundles)
 
+    def needs(self) -> dict[str, float]:
+        """Resource totals of every bundle of every group, e.g. {"GPU": 8, "CPU": 12}."""
+        total: dict[str, float] = {}
+        for bundles in self.groups.values():
+            for b in bundles:
+                for k, v in b.items():
+                    total[k] = total.get(k, 0) + v
+        return total
+
+
+def check_fits(p: Plan, cluster_resources: dict[str, float]) -> None:
+    """Raise ConfigError when the plan's placement groups can never fit ``cluster_resources`` (the cluster's
+    totals, as ``ray.cluster_resources()``): Ray would otherwise wait forever for them. Totals only: a bundle
+    must also fit on one node, which this does not see."""
+    need = p.needs()
+    short = sorted(k for k, v in need.items() if v > cluster_resources.get(k, 0) + 1e-9)
+    if not short:
+        return
+    groups = "; ".join(
+        f"{name} ({', '.join(r for r, slots in p.roles.items() if slots and slots[0].group == name)}): "
+        f"{len(bundles)} x {{{_fmt(bundles[0])}}}"
+        for name, bundles in p.groups.items() if bundles)
+    raise ConfigError(
+        f"the {p.layout} placement needs {_fmt(need)} but the cluster has "
+        f"{_fmt({k: cluster_resources.get(k, 0) for k in need})}; short of {', '.join(short)}. "
+        f"Bundles per group (roles): {groups}. Lower rollout.num_workers, rollout.tensor_parallel_size, "
+        f"policy.world_size, reward.world_size or critic.world_size, or add nodes")
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()))
+
 
 def plan(cfg: Config, roles: tuple[str, ...] = ("rollout", "policy", "reward", "reference", "critic")) -> Plan:
     """The placement of ``roles`` (a recipe that needs fewer actors reserves fewer resources)."""
@@ -64,7 +96,7 @@ def _plan(cfg: Config) -> Plan:
     if cfg.run.colocate:
         n = cfg.policy.world_size
         if cfg.rollout.num_workers * tp != n or cfg.reward.world_size != n or counts.get("critic", n) != n:
-            raise ValueError(
+            raise ConfigError(
                 f"colocate shares {n} GPUs (policy.world_size) between roles: rollout.num_workers * "
                 f"rollout.tensor_parallel_size ({cfg.rollout.num_workers} * {tp}), reward.world_size "
                 f"({cfg.reward.world_size}) and critic.world_size (with a critic) must all equal {n}")

@@ -2,7 +2,7 @@
 
     pi_SFT = argmin_theta  -E_{(x, y*) ~ D_demo} [ (1/|y*|) sum_t log pi_theta(y*_t | x, y*_<t) ]
 
-(behaviour cloning, the forward-KL view of alignment from demonstrations: seeds/000 Eq. 5.) Every recipe
+(behaviour cloning, the forward-KL view of alignment from demonstrations: seeds/000 Eq. 6-7.) Every recipe
 that needs pi_SFT (Inverse-RLignment, SPIN, DPO) trains it here when ``model.sft`` is empty.
 
 Shape of the job: ``sft.num_workers`` Ray Train workers, one DeepSpeed rank each (gloo on CPU, NCCL on
@@ -330,7 +330,7 @@ def train_sft(cfg: Config, demos: list[Encoded], out_dir: str | Path, model_path
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    from afd_ray.run import atomic_write
+    from afd_ray.runtime.files import atomic_write
 
     atomic_write(state, json.dumps({"steps": steps, "metrics": result.metrics,
                                     "seconds": time.perf_counter() - t0}))
@@ -339,21 +339,22 @@ def train_sft(cfg: Config, demos: list[Encoded], out_dir: str | Path, model_path
     return final
 
 
-def run(cfg: Config, echo=print):
-    """run.method=sft: pi_SFT from model.policy on the demonstrations, with a report."""
+def run(cfg: Config, rd, echo=print):
+    """run.method=sft: pi_SFT from model.policy on the demonstrations, with a report. Its run directory is
+    the runtime's (config saved and compared, --resume); Ray Train keeps the step checkpoints in sft/."""
+    from afd_ray.data.build import build_data
+    from afd_ray.eval.report import write_report
     from afd_ray.models.loading import load_tokenizer, resolve_model_path
-    from afd_ray.run import RunDir, atomic_write, build_data, ensure_ray
+    from afd_ray.runtime.system import ensure_ray
 
-    rd = RunDir.create(cfg)
     init = resolve_model_path(cfg.model.policy)
     train, heldout = build_data(cfg, load_tokenizer(init))
     ensure_ray()
     path = train_sft(cfg, train, rd.path / "sft", init, heldout=heldout, echo=echo)
     metrics = json.loads((rd.path / "sft" / "state.json").read_text())["metrics"]
-    atomic_write(rd.path / "report.md", "\n".join([
-        f"# SFT: {rd.path.name}", "", f"model `{cfg.model.policy}` -> `{path}`, demonstrations "
-        f"`{cfg.data.demonstrations}` ({len(train)} train, {len(heldout)} held-out), "
-        f"{cfg.sft.num_workers} Ray Train workers, ZeRO-{cfg.sft.zero_stage}.", "",
-        *(f"- {k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))]) + "\n")
+    write_report(rd.path, f"SFT: {rd.path.name}", [("Final step", [
+        f"- {k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float)])],
+        intro=f"model `{cfg.model.policy}` -> `{path}`, demonstrations `{cfg.data.demonstrations}` ({len(train)} "
+              f"train, {len(heldout)} held-out), {cfg.sft.num_workers} Ray Train workers, ZeRO-{cfg.sft.zero_stage}.")
     echo(f"done: {rd.path} ({rd.path / 'report.md'})")
     return rd

@@ -24,9 +24,9 @@ def main() -> None:
     import ray
 
     from afd_ray.config import load_config
+    from afd_ray.data.build import build_data
     from afd_ray.eval.evaluate import generate, generate_vllm
     from afd_ray.models.loading import load_tokenizer, resolve_model_path
-    from afd_ray.run import build_data
 
     model = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model)

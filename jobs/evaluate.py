@@ -5,6 +5,10 @@
         --judge-model gpt-4o --judge-template helpful            # key from $OPENAI_API_KEY, never logged
     python jobs/evaluate.py runs/irl-A --preferences rewardbench.jsonl --mtbench mt_bench.jsonl ...
 
+The judge's API key is read from the environment variable --judge-api-key-env names (default OPENAI_API_KEY),
+never from the command line, which every user of the machine sees; it goes over https, or plain http only to
+127.0.0.1 / localhost / ::1.
+
 The first target is the baseline of win rates (or --baseline NAME). Evaluation prompts: the held-out
 demonstrations of --config (default: the first run directory's config). Writes OUT/report.md, eval.json,
 responses.jsonl, PNG plots and plots.json.
@@ -27,6 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--golden", default="", help="module:function or HF reward model path (golden reward)")
     p.add_argument("--judge-url", default="", help="OpenAI-compatible base URL for the pairwise judge")
     p.add_argument("--judge-model", default="", help="judge model name")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="NAME",
+                   help="environment variable holding the judge's API key (its name, never the key)")
     p.add_argument("--judge-template", default="general", choices=["general", "helpful", "harmless", "summary"])
     p.add_argument("--judge-concurrency", type=int, default=8)
     p.add_argument("--judge-retries", type=int, default=4)
@@ -44,9 +50,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from afd_ray.config import ConfigError, load_config
+    from afd_ray.data.build import build_data
     from afd_ray.eval.evaluate import evaluate, resolve_target
     from afd_ray.models.loading import load_tokenizer, resolve_model_path
-    from afd_ray.run import build_data
 
     try:
         targets = [resolve_target(t) for t in a.targets]
@@ -71,8 +77,8 @@ def main(argv=None) -> int:
             if not (a.judge_url and a.judge_model):
                 raise ValueError("the judge needs both --judge-url and --judge-model")
             judge = {"base_url": a.judge_url, "model": a.judge_model, "template": a.judge_template,
-                     "max_concurrency": a.judge_concurrency, "max_retries": a.judge_retries,
-                     "timeout": a.judge_timeout}
+                     "api_key_env": a.judge_api_key_env, "max_concurrency": a.judge_concurrency,
+                     "max_retries": a.judge_retries, "timeout": a.judge_timeout}
         evaluate(targets, prompts, tokenizer, Path(a.out), golden=a.golden,
                  baseline=names.index(a.baseline) if a.baseline else 0, judge=judge, preferences=a.preferences,
                  mtbench=a.mtbench, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,

@@ -37,7 +37,7 @@ def ray_local():
 
     saved = {k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
     if not ray.is_initialized():
-        from afd_ray.run import local_ray_env
+        from afd_ray.runtime.system import local_ray_env
 
         local_ray_env()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,

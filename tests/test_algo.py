@@ -16,17 +16,14 @@ from afd_ray.algo.advantages import (
 )
 from afd_ray.algo.kl import kl_per_token
 from afd_ray.algo.losses import (
-    aihf_reward_loss,
     bradley_terry_loss,
     discriminator_loss,
-    discriminator_reward,
     dpo_loss,
     ipo_loss,
     pairwise_reward_loss,
     ppo_clip_loss,
-    reinforce_loss,
     sft_loss,
-    spin_loss,
+    value_loss,
 )
 from afd_ray.algo.masked import masked_mean, token_logprobs
 from afd_ray.algo.selection import BestOfNState, best_of_n, select_online_dpo_pairs
@@ -119,11 +116,20 @@ def test_discriminator_bce_hand_gradient_stability():
     assert loss.item() == pytest.approx(200.0, rel=1e-5) and torch.isfinite(p2.grad).all()
 
 
-def test_discriminator_reward_is_the_logit():  # Eq. 12, seeds/000
-    logits = t(-3.0, 0.0, 2.5)
-    assert torch.allclose(discriminator_reward(torch.sigmoid(logits)), logits, atol=1e-5)
-    edge = discriminator_reward(t(0.0, 1.0))
-    assert torch.isfinite(edge).all() and edge[0] < -20 and edge[1] > 20
+def test_weighted_reward_losses_by_hand():
+    """The per-pair weights the reward learner passes: AIHF's gamma * n / n_d and alpha * n / n_p give
+    seeds/004 Eq. 24a, gamma * mean_demo(l) + alpha * mean_pref(l)."""
+    # one demo pair (gap 1) and two preference pairs (gaps -2 and 0); n = 3, gamma 0.3, alpha 0.7
+    chosen, rejected = t(1.0, 0.0, 0.0), t(0.0, 2.0, 0.0)
+    w = t(0.3 * 3 / 1, 0.7 * 3 / 2, 0.7 * 3 / 2)
+    eq24a = 0.3 * softplus(-1.0) + 0.7 * (softplus(2.0) + math.log(2)) / 2
+    assert pairwise_reward_loss(chosen, rejected, weight_B=w).item() == pytest.approx(eq24a, rel=1e-6)
+    # weight 0 drops a pair; with a margin m the gap is d - m
+    assert pairwise_reward_loss(chosen, rejected, 1.0, weight_B=t(2.0, 0.0, 0.0)).item() == pytest.approx(
+        2 * math.log(2) / 3)
+    # discriminator: each example's weight scales its own BCE term
+    d = discriminator_loss(t(0.0, math.log(3.0)), t(0.0), weight_pos_B=t(2.0, 0.0), weight_neg_B=t(3.0))
+    assert d.item() == pytest.approx(2 * math.log(2) / 2 + 3 * math.log(2))
 
 
 # ---- DPO / IPO / SPIN --------------------------------------------------------------------------------------
@@ -160,13 +166,12 @@ def test_ipo_hand_gradient_stability():
 
 
 def test_spin_is_dpo_against_the_previous_iterate():
-    loss, stats = spin_loss(t(-2.0), t(-4.0), t(-3.0), t(-3.0), beta=1.0)  # h = 1 - (-1) = 2
+    # SPIN runs dpo_loss with the demonstration as winner, its own sample as loser and pi_t as reference
+    loss, stats = dpo_loss(t(-2.0), t(-4.0), t(-3.0), t(-3.0), beta=1.0)  # h = 1 - (-1) = 2
     assert loss.item() == pytest.approx(softplus(-2.0))
     demo, own = t(-3.0, grad=True), t(-3.0, grad=True)
-    spin_loss(demo, own, t(-3.0), t(-3.0), beta=1.0)[0].backward()
-    assert demo.grad.item() < 0 < own.grad.item()  # demos up, own samples down
-    big, _ = spin_loss(t(-100.0), t(100.0), t(100.0), t(-100.0), beta=1.0)
-    assert torch.isfinite(big)
+    dpo_loss(demo, own, t(-3.0), t(-3.0), beta=1.0)[0].backward()
+    assert demo.grad.item() == pytest.approx(-0.5) and own.grad.item() == pytest.approx(0.5)  # -s(-0) = -1/2
 
 
 # ---- KL ------------------------------------------------------------------------------------------------------
@@ -230,18 +235,16 @@ def test_grpo_hand_and_constant_group():
     assert torch.isfinite(grpo_advantages(t(100.0, -100.0), 2)).all()
 
 
-def test_reinforce_hand_gradient_mask_stability():
-    logp = t(-1.0, -2.0, -3.0, -4.0).view(2, 2)
-    mask = t(1.0, 1.0, 1.0, 0.0).view(2, 2)
-    loss = reinforce_loss(logp, t(1.0, 2.0), mask)
-    assert loss.item() == pytest.approx(-((1.0 * -3.0) + (2.0 * -3.0)) / 2)  # = 4.5
-    x = torch.tensor([[-1.0, -1.0]], requires_grad=True)
-    reinforce_loss(x, t(2.0), torch.tensor([[1.0, 0.0]])).backward()
-    assert x.grad[0, 0] < 0 and x.grad[0, 1] == 0  # positive advantage: raise log pi; masked token: 0
-    y = torch.tensor([[100.0, -100.0]], requires_grad=True)
-    l2 = reinforce_loss(y, t(1.0), torch.ones(1, 2))
-    l2.backward()
-    assert torch.isfinite(l2) and torch.isfinite(y.grad).all()
+def test_on_policy_ppo_is_reinforce_by_hand():
+    """ratio 1 (old = logp.detach(), how reinforce / rloo / grpo run): the gradient is -A_t / (tokens)."""
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]], requires_grad=True)
+    mask = t(1.0, 1.0, 1.0, 0.0).view(2, 2)  # 3 response tokens
+    adv = t(1.0, 2.0)[:, None].expand(2, 2)
+    loss, stats = ppo_clip_loss(logp, logp.detach(), adv, mask)
+    assert loss.item() == pytest.approx(-(1.0 + 1.0 + 2.0) / 3)
+    loss.backward()
+    assert logp.grad.view(-1).tolist() == pytest.approx([-1 / 3, -1 / 3, -2 / 3, 0.0])
+    assert stats["clipfrac"].item() == 0.0 and stats["ratio"].item() == 1.0
 
 
 def test_ppo_clip_hand_numbers():
@@ -278,16 +281,21 @@ def test_ppo_gradient_mask_stability():
     assert torch.isfinite(loss) and torch.isfinite(wild.grad).all() and all(torch.isfinite(v) for v in stats.values())
 
 
-def test_aihf_mixes_both_losses():
-    d, p, w, l = t(1.0), t(0.0), t(0.0), t(2.0)
-    loss = aihf_reward_loss(d, p, w, l, gamma=0.3, alpha=0.7)
-    assert loss.item() == pytest.approx(0.3 * softplus(-1.0) + 0.7 * softplus(2.0))
-    only_demo = aihf_reward_loss(d, p, torch.empty(0), torch.empty(0), gamma=1.0, alpha=1.0)
-    assert only_demo.item() == pytest.approx(softplus(-1.0))
-    dg, wg = t(0.0, grad=True), t(0.0, grad=True)
-    aihf_reward_loss(dg, t(0.0), wg, t(0.0), gamma=1.0, alpha=1.0).backward()
-    assert dg.grad.item() < 0 and wg.grad.item() < 0
-    assert torch.isfinite(aihf_reward_loss(t(-100.0), t(100.0), t(-100.0), t(100.0), 1.0, 1.0))
+def test_value_loss_by_hand_clipped_and_unclipped():
+    # c = 0.2; token 2 is padding (mask 0) with a huge target that must not count
+    v = torch.tensor([[1.0, 2.0, 0.5]], requires_grad=True)
+    old = torch.tensor([[0.5, 1.5, 0.5]])
+    ret = torch.tensor([[2.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # token 0: (V - R)^2 = (1 - 2)^2 = 1; V_clip = 0.5 + clip(0.5) = 0.7, (0.7 - 2)^2 = 1.69 -> clipped wins
+    # token 1: (V - R)^2 = (2 - 1)^2 = 1; V_clip = 1.5 + clip(0.5) = 1.7, (1.7 - 1)^2 = 0.49 -> unclipped wins
+    loss = value_loss(v, old, ret, mask, clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    loss.backward()
+    # token 0's loss is the clipped one, flat in V; token 1: d/dV 0.5 * (V - R)^2 / 2 = (2 - 1) / 2
+    assert v.grad[0].tolist() == pytest.approx([0.0, 0.5, 0.0])
+    assert value_loss(v, old, ret, mask).item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)  # c = 0: plain MSE
+    assert value_loss(v, old, ret, mask, clip=0.2, denom=4.0).item() == pytest.approx(0.5 * 2.69 / 4)
 
 
 # ---- selection ---------------------------------------------------------------------------------------------
@@ -351,6 +359,15 @@ def test_global_denominator_makes_shards_sum_to_the_full_loss():
     parts = sum(dpo_loss(logp[i::3, 0], logp[i::3, 1], logp[i::3, 2], logp[i::3, 3], beta=0.5, denom=6)[0]
                 for i in range(3))
     assert parts.item() == pytest.approx(full_dpo.item(), rel=1e-6)
+    # the reward learner's losses: micro-batches with denom = pair count add up to the full-batch loss
+    w = torch.rand(6, generator=g)
+    full_pw = pairwise_reward_loss(logp[:, 0], logp[:, 1], 0.5, weight_B=w)
+    parts = sum(pairwise_reward_loss(logp[i::3, 0], logp[i::3, 1], 0.5, weight_B=w[i::3], denom=6) for i in range(3))
+    assert parts.item() == pytest.approx(full_pw.item(), rel=1e-6)
+    full_d = discriminator_loss(logp[:, 0], logp[:, 1], weight_pos_B=w, weight_neg_B=w)
+    parts = sum(discriminator_loss(logp[i::3, 0], logp[i::3, 1], 6, 6, weight_pos_B=w[i::3], weight_neg_B=w[i::3])
+                for i in range(3))
+    assert parts.item() == pytest.approx(full_d.item(), rel=1e-6)
 
 
 def test_gae_by_hand():

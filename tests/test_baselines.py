@@ -74,7 +74,7 @@ def test_a_stopped_dpo_run_resumes_and_reproduces_the_uninterrupted_run(ray_loca
     full = run(toy(tmp_path, "full", *args), echo=lambda *_: None).metrics()
     part = run(toy(tmp_path, "part", *args, "run.stop_after=3"), echo=lambda *_: None)
     assert [m["iteration"] for m in part.metrics()] == [1.0, 2.0, 3.0]
-    assert not (part.path / "report.md").exists() and part.latest()[0] == 3  # the stop point is checkpointed
+    assert not (part.path / "report.md").exists() and part.latest().iteration == 3  # the stop point is checkpointed
     resumed = run(None, resume=part.path, echo=lambda *_: None)
     assert [m["iteration"] for m in resumed.metrics()] == [1.0, 2.0, 3.0, 4.0]
     for a, b in zip(full, resumed.metrics()):

@@ -1,4 +1,5 @@
-"""clusters/: the `ray up` YAMLs pass Ray's own cluster schema, and every job command they name parses."""
+"""clusters/: the `ray up` YAMLs pass Ray's own cluster schema, every job command they name parses, and no
+file opens the dashboard's job API (remote code execution) to the network without Ray token auth."""
 
 import copy
 import re
@@ -12,6 +13,7 @@ from afd_ray.config import load_config
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 RAY_UP = sorted(p for p in CLUSTERS.glob("*.yaml") if "kind" not in yaml.safe_load(p.read_text()))
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def job_args(text: str) -> list[list[str]]:
@@ -40,6 +42,19 @@ def test_ray_up_yaml_passes_the_ray_cluster_schema(path):
         assert config_of(args).run.device == "gpu"
 
 
+@pytest.mark.parametrize("path", RAY_UP, ids=lambda p: p.name)
+def test_ray_up_dashboard_listens_on_localhost_only(path):
+    """No token auth on these heads, so the dashboard binds loopback and users reach it through the SSH tunnel
+    of `ray dashboard` (named in the header). The flag must be explicit: the file shows what it binds."""
+    text = path.read_text()
+    starts = [c for c in yaml.safe_load(text)["head_start_ray_commands"] if "ray start" in c]
+    assert starts, f"{path.name} starts no Ray head"
+    for command in starts:
+        host = re.search(r"--dashboard-host[= ](\S+)", command)
+        assert host and host.group(1) in LOOPBACK, f"{path.name}: the dashboard must bind {LOOPBACK}: {command}"
+    assert f"ray dashboard clusters/{path.name}" in text
+
+
 def test_a_wrong_key_fails_the_schema():
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -63,3 +78,13 @@ def test_kuberay_rayjob_runs_a_preset_on_gpu_workers():
     from afd_ray.placement import plan
 
     assert gpus >= plan(cfg).gpus(), f"the preset needs {plan(cfg).gpus()} GPUs, the workers have {gpus}"
+
+
+def test_kuberay_dashboard_is_on_localhost_or_behind_token_auth():
+    """KubeRay binds the dashboard to 0.0.0.0 unless told otherwise; reachable from every pod, it must need
+    Ray's token (authOptions, Ray >= 2.52)."""
+    spec = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "0.0.0.0")
+    if host not in LOOPBACK:
+        assert spec.get("authOptions", {}).get("mode") == "token", f"dashboard on {host} without token auth"
+        assert tuple(map(int, spec["rayVersion"].split(".")[:2])) >= (2, 52), "token auth needs Ray >= 2.52"

@@ -64,3 +64,90 @@ def test_bad_values_name_key_and_choices(override, needle):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'gpu'; presets:"):
         load_config("gpu")
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["policy.lr=inf"], "policy.lr must be a finite number, got inf"),
+    (["policy.lr=.nan"], "policy.lr must be a finite number, got nan"),
+    (["rollout.temperature=nan"], "rollout.temperature must be a finite number"),
+    (["run.sync_check_tol=inf"], "run.sync_check_tol must be a finite number"),
+    (["run.call_timeout_s=inf"], "run.call_timeout_s must be a finite number"),
+    (["reward.lr=0"], "reward.lr must be > 0, got 0.0"),
+    (["sft.lr=-1e-5"], "sft.lr must be > 0"),
+    (["critic.lr=0"], "critic.lr must be > 0"),
+    (["policy.dpo_beta=0"], "policy.dpo_beta must be > 0"),
+    (["run.sync_check_tol=0"], "run.sync_check_tol must be > 0"),
+    (["policy.rpo_alpha=-0.1"], "policy.rpo_alpha must be >= 0"),
+    (["policy.weight_decay=-0.01"], "policy.weight_decay must be >= 0"),
+    (["sft.weight_decay=-0.01"], "sft.weight_decay must be >= 0"),
+    (["policy.grad_clip=-1"], "policy.grad_clip must be >= 0"),
+    (["reward.grad_clip=-1"], "reward.grad_clip must be >= 0"),
+    (["sft.grad_clip=-1"], "sft.grad_clip must be >= 0"),
+    (["critic.vf_coef=-0.1"], "critic.vf_coef must be >= 0"),
+    (["critic.value_clip=-0.2"], "critic.value_clip must be >= 0"),
+    (["reward.margin=-1"], "reward.margin must be >= 0"),
+    (["reward.freeze_layers=-1"], "reward.freeze_layers must be >= 0"),
+    (["policy.dpo_min_gap=-1"], "policy.dpo_min_gap must be >= 0"),
+    (["sft.max_steps=-1"], "sft.max_steps must be >= 0"),
+    (["bon.rm_prompts=-1"], "bon.rm_prompts must be >= 0"),
+    (["bon.rl_iterations=-1"], "bon.rl_iterations must be >= 0"),
+    (["model.lora_alpha=0"], "model.lora_alpha must be > 0"),
+    (["model.lora_r=8", "model.lora_alpha=-16"], "model.lora_alpha must be > 0"),
+    (["run.max_restarts=-1"], "run.max_restarts must be >= 0"),
+    (["run.call_timeout_s=-1"], "run.call_timeout_s must be >= 0"),
+    (["run.max_nonfinite=0"], "run.max_nonfinite must be >= 1"),
+    (["sft.max_failures=-2"], "sft.max_failures must be >= 0, or -1"),
+    (["data.max_skip_fraction=1.5"], "data.max_skip_fraction must be in [0, 1]"),
+    (["data.max_skip_fraction=-0.1"], "data.max_skip_fraction must be in [0, 1]"),
+    (["rollout.kv_cache_gb=-1"], "rollout.kv_cache_gb must be >= 0"),
+])
+def test_numbers_that_cannot_be_meant_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu", override)
+    assert needle in str(err.value)
+
+
+def test_edge_numbers_that_can_be_meant_are_accepted():
+    cfg = load_config("cpu", ["run.call_timeout_s=0", "run.max_restarts=0", "data.max_skip_fraction=1",
+                              "sft.max_failures=-1", "policy.grad_clip=0", "policy.rpo_alpha=0"])
+    assert cfg.run.call_timeout_s == 0 and cfg.sft.max_failures == -1
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "/tmp/x", "a\\b", ".hidden", "..", "x..y"])
+def test_run_names_that_leave_the_output_dir_are_refused(name):
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu", [f"run.name={name}"])
+    assert f"run.name={name!r} must be a plain folder name inside run.output_dir" in str(err.value)
+    assert load_config("cpu", ["run.name=my-run_2.v1"]).run.name == "my-run_2.v1"
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("policy:\n  lr: 1.0e-6\nrun:\n  iterations: 2\npolicy:\n  algo: grpo\n", "'policy'", "lines 1 and 5"),
+    ("policy:\n  lr: 1.0e-6\n  beta: 0.1\n  lr: 2.0e-6\n", "'policy.lr'", "lines 2 and 4"),
+    ("bon:\n  n: [1, 2]\n  n: [4]\n", "'bon.n'", "lines 2 and 3"),
+])
+def test_a_key_given_twice_in_yaml_names_file_key_and_lines(tmp_path, text, key, lines):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(path) in str(err.value) and f"{key} is given twice ({lines})" in str(err.value)
+
+
+@pytest.mark.parametrize("preset, overrides, cluster, needle", [
+    ("ultrachat-8gpu", [], {"CPU": 64.0, "GPU": 4.0}, "needs 12 CPU, 8 GPU but the cluster has 64 CPU, 4 GPU"),
+    ("ultrachat-8gpu", ["rollout.tensor_parallel_size=2"], {"CPU": 64.0, "GPU": 8.0},
+     "rollout (rollout): 2 x {1 CPU, 2 GPU}"),
+    ("ultrachat-8gpu", [], {"CPU": 8.0, "GPU": 8.0}, "short of CPU."),
+    ("ultrachat-2gpu", [], {"CPU": 16.0}, "colocated (rollout, policy, reward, reference): 2 x {2 CPU, 1 GPU}"),
+    ("ultrachat-2gpu", [], {"CPU": 16.0, "GPU": 1.0}, "short of GPU"),
+])
+def test_a_world_larger_than_the_cluster_is_refused(preset, overrides, cluster, needle):
+    from afd_ray.placement import check_fits, plan
+
+    p = plan(load_config(preset, overrides))
+    with pytest.raises(ConfigError) as err:
+        check_fits(p, cluster)
+    assert needle in str(err.value) and "policy.world_size" in str(err.value)
+    check_fits(p, {"CPU": 1000.0, "GPU": 1000.0, "memory": 1e12})  # the same plan fits a bigger cluster
+    check_fits(plan(load_config("cpu")), {"CPU": 1.0})  # the CPU layout asks for 0.1 CPU per actor

@@ -1,13 +1,17 @@
 """Driver logic with named fakes (no Ray): pairs, replay window, credit assignment, phases, cursor."""
 
+import math
+
+import pytest
 import torch
 
 from afd_ray.algo.credit import policy_batch
+from afd_ray.algo.losses import pairwise_reward_loss
 from afd_ray.config import load_config
-from afd_ray.data.tokenize import Encoded
-from afd_ray.driver import Collaborators, LoopState, irl_iteration
+from afd_ray.data.tokenize import Encoded, EncodedPreference
+from afd_ray.driver import Collaborators, LoopState, irl_iteration, mix_preferences
 from afd_ray.replay import DataCursor, PairReplay
-from afd_ray.types import Samples
+from afd_ray.types import PairBatch, Samples, SequenceBatch
 
 
 class FakeRollout:
@@ -129,3 +133,20 @@ def test_reward_warmup_skips_the_policy_step_and_sync():
     assert not c.policy.batches and not syncs and "policy/loss" not in m1 and len(c.reward.batches) == 1
     irl_iteration(2, cfg, d, d[:2], c, state)
     assert len(c.policy.batches) == cfg.policy.mini_batches and syncs == [1]
+
+
+def test_aihf_pair_weights_make_the_reward_loss_eq_24a():
+    """The batch the reward learner gets under AIHF, through the loss it runs, is seeds/004 Eq. 24a."""
+    demo = PairBatch(SequenceBatch([[1]], [[10]]), SequenceBatch([[1]], [[11]]))
+    prefs = [EncodedPreference([2], [12], [13]), EncodedPreference([3], [14], [15])]
+    pairs = mix_preferences(demo, prefs, gamma=0.3, alpha=0.7)
+    assert pairs.chosen.prompts == [[1], [2], [3]] and pairs.rejected.responses == [[11], [13], [15]]
+    reward = {10: 1.0, 11: 0.0, 12: 0.0, 13: 2.0, 14: 0.0, 15: 0.0}  # gaps: demo 1; preferences -2 and 0
+
+    def score(seqs):
+        return torch.tensor([reward[r[0]] for r in seqs.responses])
+
+    loss = pairwise_reward_loss(score(pairs.chosen), score(pairs.rejected), weight_B=pairs.weight)
+    # gamma * -log s(1) + alpha * mean(-log s(-2), -log s(0))
+    want = 0.3 * math.log1p(math.exp(-1.0)) + 0.7 * (math.log1p(math.exp(2.0)) + math.log(2)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)

@@ -4,16 +4,19 @@ reward accuracy per subset."""
 import json
 
 import pytest
+import torch
 
 from afd_ray.eval.accuracy import accuracy, load_preference_pairs, reward_accuracy
-from afd_ray.eval.golden import HFGolden, load_golden, mean_se, win_rate
+from afd_ray.eval.golden import load_golden, mean_se, win_rate
 
 
 def test_mean_se_and_win_rate_by_hand():
     m, se = mean_se([1.0, 2.0, 3.0])
     assert m == 2.0 and se == pytest.approx(1.0 / 3 ** 0.5)
-    w, wse = win_rate([1.0, 0.5, 0.2, 0.7], [0.5, 0.5, 0.9, 0.1])  # win, tie, lose, win
+    w, wse = win_rate([1.0, 0.5, 0.2, 0.7], [0.5, 0.5, 0.9, 0.1])  # win, tie, lose, win: 1, 1/2, 0, 1
     assert w == pytest.approx(2.5 / 4)
+    # squared deviations from 5/8: 9/64, 1/64, 25/64, 9/64 -> sample variance 44/64/3, se = sqrt(var / 4)
+    assert wse == pytest.approx((44 / 64 / 3 / 4) ** 0.5)
     with pytest.raises(ValueError, match="3 candidate vs 2 baseline"):
         win_rate([1, 2, 3], [1, 2])
 
@@ -30,15 +33,19 @@ def test_golden_from_a_python_function(tokenizer):
 
 
 def test_golden_from_an_hf_sequence_classifier(tiny_llama_dir, tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
     from afd_ray.models.loading import load_reward_model, save_model
 
     path = save_model(load_reward_model(str(tiny_llama_dir), seed=3), tokenizer, tmp_path / "golden_rm")
-    g = load_golden(str(path), tokenizer)
-    assert isinstance(g, HFGolden)
-    prompts = [tokenizer("Hi")["input_ids"]] * 3
-    responses = [tokenizer(t)["input_ids"] for t in ("Hello!", "Go away.", "Hello!")]
-    s = g(prompts, responses)
-    assert len(s) == 3 and s[0] == pytest.approx(s[2], abs=1e-5) and s[0] != s[1]
+    g = load_golden(str(path), tokenizer, batch_size=2)  # a padded batch and a batch of one
+    texts = ("Hello!", "Go away.", "Hello!")
+    s = g([tokenizer("Hi")["input_ids"]] * 3, [tokenizer(t)["input_ids"] for t in texts])
+    # independently: the classifier's logit 0 on each decoded (prompt, response) text pair, one at a time
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        want = [model(**tokenizer("Hi", t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+    assert s == pytest.approx(want, abs=1e-5) and abs(want[0] - want[1]) > 1e-4
 
 
 def test_reward_accuracy_per_subset():

@@ -26,7 +26,6 @@ def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_sft, t
     ms = rd.metrics()
     assert [m["iteration"] for m in ms] == [1.0, 2.0]
     assert [m["replay_pairs"] for m in ms] == [32.0, 64.0]  # 8 prompts x 4 samples per iteration, all replayed
-    assert all(0.0 <= m["heldout/reward_accuracy"] <= 1.0 for m in ms)
     assert all(m["sync/sync_logprob_diff"] < 1e-3 for m in ms)
     last = rd.ckpt / "iter_000002"
     assert json.loads((rd.ckpt / "latest.json").read_text()) == {"iteration": 2}
@@ -36,8 +35,11 @@ def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_sft, t
     assert not (rd.ckpt / "iter_000001").exists()  # keep_checkpoints=1
     report = (rd.path / "report.md").read_text()
     assert "Time per phase" in report and "final/heldout_policy" in report
-    for k in ("rollout_tokens_per_s", "policy_tokens_per_s", "reward_pairs_per_s", "tokens_per_s"):
-        assert all(m[f"throughput/{k}"] > 0 for m in ms), k
+    for m in ms:  # each rate is its role's work over its phase time: both give the same count
+        assert m["throughput/reward_pairs_per_s"] * m["time/reward"] == pytest.approx(m["replay_pairs"])
+        generated = m["throughput/tokens_per_s"] * m["time/iteration"]
+        assert m["throughput/rollout_tokens_per_s"] * m["time/rollout"] == pytest.approx(generated)
+        assert generated >= m["rollout/response_length"] * 32  # the training samples, plus the held-out probe
     # the same numbers as TensorBoard events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -126,5 +128,5 @@ def test_toy_fixed_irl_beats_sft_and_its_reward_model_learns_the_rule(ray_local,
     assert irl > sft + 0.08, f"{algo}: golden reward {sft:.3f} (SFT) -> {irl:.3f} (IRL), 256 held-out prompts"
     # the learned reward ranks unseen equal-length pairs ordered by the golden reward: it encodes the rule
     pairs, subsets = load_preference_pairs("toy-fixed", tokenizer, limit=256)
-    acc = reward_accuracy(hf_reward_scorer(str(rd.latest()[1] / "reward"), tokenizer.pad_token_id), pairs, subsets)
+    acc = reward_accuracy(hf_reward_scorer(str(rd.latest().path / "reward"), tokenizer.pad_token_id), pairs, subsets)
     assert acc["subset/toy-parity"] > 0.7, f"{algo}: reward accuracy on golden-ranked pairs {acc}"

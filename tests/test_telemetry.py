@@ -5,7 +5,7 @@ import urllib.request
 
 import pytest
 
-from afd_ray.run import RunDir
+from afd_ray.runtime.rundir import RunDir
 from afd_ray.telemetry import Telemetry, gauge_name
 
 

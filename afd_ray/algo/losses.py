@@ -1,8 +1,8 @@
 """Training objectives of every method in DESIGN.md Sec. 1, as pure functions on tensors.
 
-Each takes log-probabilities or scores (never models), returns a scalar loss (plus detached statistics
-where a caller logs them), and cites the equation it implements. ``ell(z) = log sigmoid(z)`` is computed
-with ``F.logsigmoid``, which is finite for any finite z.
+Each takes log-probabilities, scores or values (never models), returns a scalar loss (plus detached
+statistics where a caller logs them), and cites the equation it implements. ``ell(z) = log sigmoid(z)``
+is computed with ``F.logsigmoid``, which is finite for any finite z.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def bradley_terry_loss(
     margin: float | torch.Tensor = 0.0,
     p_chosen_B: torch.Tensor | None = None,
     denom: float | torch.Tensor | None = None,
+    weight_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bradley-Terry negative log-likelihood of preferences (seeds/004 Eq. 13):
 
@@ -49,30 +50,45 @@ def bradley_terry_loss(
     p_chosen_B: optional (B,) soft labels P(y_w > y_l); the loss becomes the binary cross-entropy
     -[p log s(d) + (1-p) log s(-d)], which equals Eq. 13 at p = 1.
     denom: global pair count for data-parallel ranks (``batch_mean``).
+    weight_B: optional (B,) per-pair weights w_i: sum_i w_i l_i / B (or / denom). See
+    ``pairwise_reward_loss`` for the weights that give AIHF's Eq. 24a.
     """
     d_B = r_chosen_B.float() - r_rejected_B.float() - margin
     if p_chosen_B is None:
-        return batch_mean(-F.logsigmoid(d_B), denom)
-    p_B = p_chosen_B.float()
-    return batch_mean(-(p_B * F.logsigmoid(d_B) + (1 - p_B) * F.logsigmoid(-d_B)), denom)
+        loss_B = -F.logsigmoid(d_B)
+    else:
+        p_B = p_chosen_B.float()
+        loss_B = -(p_B * F.logsigmoid(d_B) + (1 - p_B) * F.logsigmoid(-d_B))
+    if weight_B is not None:
+        loss_B = weight_B.float() * loss_B
+    return batch_mean(loss_B, denom)
 
 
 def pairwise_reward_loss(
     r_demo_B: torch.Tensor, r_policy_B: torch.Tensor, margin: float | torch.Tensor = 0.0,
-    denom: float | torch.Tensor | None = None,
+    denom: float | torch.Tensor | None = None, weight_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """IRL reward step (seeds/004 Eq. 21a with ell = log sigmoid): the demonstration y* is preferred to
     the current policy's sample y' for the same prompt,
 
         phi_{t+1} = argmin_phi -E[ log sigmoid(r(x, y*) - r(x, y') - m) ].
 
-    r_demo_B, r_policy_B: (B,) rewards of paired (x, y*) and (x, y'). It is Eq. 13 with y_w = y*.
+    r_demo_B, r_policy_B: (B,) rewards of paired (x, y*) and (x, y'). It is Eq. 13 with y_w = y*, so the
+    reward learner's "pairwise" loss also trains the Bradley-Terry baseline on preference pairs.
+    AIHF (seeds/004 Eq. 24a) is this loss over n = n_d demo pairs followed by n_p preference pairs with
+    weight_B = gamma * n / n_d on the demo pairs and alpha * n / n_p on the preference pairs:
+
+        sum_i w_i l_i / n = gamma * mean_demo(l) + alpha * mean_pref(l).
+
+    denom: global pair count for data-parallel ranks; weight_B: optional (B,) per-pair weights.
     """
-    return bradley_terry_loss(r_demo_B, r_policy_B, margin, denom=denom)
+    return bradley_terry_loss(r_demo_B, r_policy_B, margin, denom=denom, weight_B=weight_B)
 
 
 def discriminator_loss(logit_pos_B: torch.Tensor, logit_neg_B: torch.Tensor,
-                       denom_pos: float | None = None, denom_neg: float | None = None) -> torch.Tensor:
+                       denom_pos: float | torch.Tensor | None = None, denom_neg: float | torch.Tensor | None = None,
+                       weight_pos_B: torch.Tensor | None = None,
+                       weight_neg_B: torch.Tensor | None = None) -> torch.Tensor:
     """Pointwise discriminator BCE (seeds/000 Eq. 11), with D = sigmoid(logit):
 
         max_phi E_pos[log D(y|x)] + E_neg[log(1 - D(y|x))]
@@ -81,20 +97,16 @@ def discriminator_loss(logit_pos_B: torch.Tensor, logit_neg_B: torch.Tensor,
     logit_pos_B: (B,) logits of positives (demonstrations, or pi_SFT samples for Init-SFT, Table 1);
     logit_neg_B: (B',) logits of negatives (policy / pi_init samples); B and B' may differ.
     The reward of Eq. 12, r = log D - log(1 - D), is the logit itself, so the scalar head's output is
-    used as the reward unchanged (see ``discriminator_reward`` for probability outputs).
+    used as the reward unchanged.
     denom_pos / denom_neg: global counts for data-parallel ranks (``batch_mean``).
+    weight_pos_B (B,) / weight_neg_B (B',): optional per-example weights inside each mean.
     """
-    return (batch_mean(-F.logsigmoid(logit_pos_B.float()), denom_pos)
-            + batch_mean(-F.logsigmoid(-logit_neg_B.float()), denom_neg))
-
-
-def discriminator_reward(prob_B: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Eq. 12 of seeds/000 for a discriminator that outputs probabilities: r = log D - log(1 - D).
-
-    prob_B: (B,) D(y|x) in [0, 1]; clipped to [eps, 1 - eps] so D = 0 or 1 gives a finite reward.
-    """
-    p = prob_B.double().clamp(eps, 1 - eps)
-    return (torch.log(p) - torch.log1p(-p)).to(prob_B.dtype if prob_B.is_floating_point() else torch.float32)
+    pos_B, neg_B = -F.logsigmoid(logit_pos_B.float()), -F.logsigmoid(-logit_neg_B.float())
+    if weight_pos_B is not None:
+        pos_B = weight_pos_B.float() * pos_B
+    if weight_neg_B is not None:
+        neg_B = weight_neg_B.float() * neg_B
+    return batch_mean(pos_B, denom_pos) + batch_mean(neg_B, denom_neg)
 
 
 def _logratio_margin(
@@ -126,6 +138,8 @@ def dpo_loss(
     Inputs are (B,) sequence log-probabilities (sums over response tokens) of the policy and reference.
     label_smoothing eps > 0 gives conservative DPO: (1-eps) l(h) + eps l(-h).
     Returns (loss, stats) with the implicit rewards beta*log(pi/pi_ref) (B,) and the pair accuracy.
+    SPIN (seeds/004 Protocol 2 / Eq. 12 with the logistic ell) is this loss with the demonstration as y_w,
+    the policy's own sample as y_l and the previous iterate pi_t in place of pi_ref.
     """
     lr_w, lr_l = _logratio_margin(logp_chosen_B, logp_rejected_B, ref_logp_chosen_B, ref_logp_rejected_B)
     h_B = beta * (lr_w - lr_l)
@@ -152,23 +166,6 @@ def ipo_loss(
     return loss, _pair_stats(beta * lr_w, beta * lr_l)
 
 
-def spin_loss(
-    logp_demo_B: torch.Tensor,
-    logp_self_B: torch.Tensor,
-    prev_logp_demo_B: torch.Tensor,
-    prev_logp_self_B: torch.Tensor,
-    beta: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SPIN (seeds/004 Protocol 2 / Eq. 12 with the logistic ell(z) = log(1 + exp(-z))):
-
-        l = ell( beta log pi(y*)/pi_t(y*) - beta log pi(y')/pi_t(y') ),  y' ~ pi_t(.|x).
-
-    The DPO loss with the demonstration as the winner, the policy's own sample as the loser and the
-    previous iterate pi_t in place of pi_ref. Inputs (B,) sequence log-probs. Returns (loss, stats).
-    """
-    return dpo_loss(logp_demo_B, logp_self_B, prev_logp_demo_B, prev_logp_self_B, beta)
-
-
 def _pair_stats(reward_w_B: torch.Tensor, reward_l_B: torch.Tensor) -> dict[str, torch.Tensor]:
     reward_w_B, reward_l_B = reward_w_B.detach(), reward_l_B.detach()
     return {
@@ -177,18 +174,6 @@ def _pair_stats(reward_w_B: torch.Tensor, reward_l_B: torch.Tensor) -> dict[str,
         "accuracy": (reward_w_B > reward_l_B).float().mean(),
         "margin": (reward_w_B - reward_l_B).mean(),
     }
-
-
-def reinforce_loss(logp_BT: torch.Tensor, advantage_B: torch.Tensor, mask_BT: torch.Tensor,
-                   denom: float | torch.Tensor | None = None) -> torch.Tensor:
-    """REINFORCE (seeds/004 Protocol 5, line 6): grad = -mean_i A_i * grad log pi(y_i | x_i), with
-    log pi(y|x) = sum_t log pi(y_t | ...). Use ``kl_shaped_reward`` for A to fold the KL into the reward,
-    or an RLOO/GRPO advantage for a baseline.
-
-    logp_BT: (B, T) current policy log-probs of sampled tokens (with grad); advantage_B: (B,) (detached);
-    mask_BT: (B, T) response tokens.
-    """
-    return batch_mean(-(advantage_B.detach().float() * masked_sum(logp_BT.float(), mask_BT)), denom)
 
 
 def ppo_clip_loss(
@@ -212,6 +197,9 @@ def ppo_clip_loss(
     clip_eps_high defaults to clip_eps (DAPO's clip-higher when larger). The log ratio is clamped to
     +-20 before exp, so a wild token cannot overflow. denom: global token count for data-parallel ranks.
     Returns (loss, stats: clipfrac, approx_kl, ratio).
+    On-policy (old_logp_BT = logp_BT.detach(), rho = 1) nothing clips and the gradient is REINFORCE's
+    (seeds/004 Protocol 5, line 6), -A_t grad log pi(y_t), averaged over tokens: the reinforce, rloo and
+    grpo algorithms run this way.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (it bounds the loss at -c*A for A < 0), got {dual_clip}")
@@ -233,24 +221,23 @@ def ppo_clip_loss(
     return masked_mean(loss_BT, mask_BT, denom=denom), stats
 
 
-def aihf_reward_loss(
-    r_demo_B: torch.Tensor,
-    r_policy_B: torch.Tensor,
-    r_chosen_C: torch.Tensor,
-    r_rejected_C: torch.Tensor,
-    gamma: float,
-    alpha: float,
-) -> torch.Tensor:
-    """AIHF reward step (seeds/004 Eq. 24a): demonstrations and preferences, one reward model,
+def value_loss(value_BT: torch.Tensor, old_value_BT: torch.Tensor, return_BT: torch.Tensor, mask_BT: torch.Tensor,
+               clip: float = 0.0, denom: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Clipped value loss of the critic that PPO needs for token-level rewards (seeds/004 Sec. III-B,
+    "Pros and Cons: PPO or REINFORCE?"); the squared error is L^VF of Schulman et al. 2017 (Eq. 9), the
+    clipping that of their reference implementation (OpenAI baselines ppo2), per token:
 
-        l = gamma * -E_demo[log s(r(x, y*) - r(x, y'))] + alpha * -E_pref[log s(r(x, y_w) - r(x, y_l))].
+        V^clip_t = V_old,t + clip(V_t - V_old,t, -c, c)
+        l_t      = 0.5 * max( (V_t - R_t)^2, (V^clip_t - R_t)^2 )
 
-    r_demo_B, r_policy_B: (B,) demo-vs-sample pairs; r_chosen_C, r_rejected_C: (C,) preference pairs.
-    An empty side (B = 0 or C = 0) contributes 0, so a batch may carry only one kind of pair.
+    value_BT: (B, T) V_psi of the state before each response token (with grad); old_value_BT: (B, T) the
+    values the advantages were computed from; return_BT: (B, T) the targets R_t = A_t + V_old,t
+    (``gae_advantages``); mask_BT: (B, T) response tokens. Token-level mean (``masked_mean``).
+    clip c = 0 gives the plain 0.5 * (V - R)^2. denom: global token count for data-parallel ranks.
     """
-    loss = r_demo_B.new_zeros((), dtype=torch.float32)
-    if r_demo_B.numel():
-        loss = loss + gamma * pairwise_reward_loss(r_demo_B, r_policy_B)
-    if r_chosen_C.numel():
-        loss = loss + alpha * bradley_terry_loss(r_chosen_C, r_rejected_C)
-    return loss
+    value, ret = value_BT.float(), return_BT.float()
+    err_BT = (value - ret).square()
+    if clip > 0:
+        clipped = old_value_BT.float() + (value - old_value_BT.float()).clamp(-clip, clip)
+        err_BT = torch.maximum(err_BT, (clipped - ret).square())
+    return 0.5 * masked_mean(err_BT, mask_BT, denom=denom)

@@ -8,7 +8,8 @@ A source is one of:
     folder inside a dataset repository follows a colon: ``Anthropic/hh-rlhf:harmless-base``.
 
 Bad rows raise ``DataError`` (default) or, with ``on_bad_row="skip"``, are counted in ``Loaded.skipped``
-and reported in a warning. Nothing is dropped silently.
+and reported in a warning; more than ``max_skip_fraction`` of the rows bad is an error. Nothing is dropped
+silently.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from afd_ray.data.schema import (
     Demonstration,
     Loaded,
     Preference,
+    check_skip_fraction,
     parse_demonstration,
     parse_preference,
 )
@@ -121,7 +123,7 @@ def _rows(source: str, split: str | None, adapters: dict, kind: str) -> tuple[st
     return _hub_rows(source, split, adapters)
 
 
-def _load(source, split, adapters, kind, parse, on_bad_row, limit) -> Loaded:
+def _load(source, split, adapters, kind, parse, on_bad_row, limit, max_skip_fraction) -> Loaded:
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
     name, rows = _rows(str(source), split, adapters, kind)
@@ -146,19 +148,24 @@ def _load(source, split, adapters, kind, parse, on_bad_row, limit) -> Loaded:
                     out.examples[0])
     if not out.items:
         raise DataError(name, None, None, f"no usable {kind} rows (skipped: {out.skipped})", "empty_dataset")
+    if out.num_skipped:
+        check_skip_fraction(name, kind, out.skipped, len(out.items) + out.num_skipped, max_skip_fraction,
+                            out.examples[0])
     return out
 
 
 def load_demonstrations(source: str | Path, split: str | None = None, on_bad_row: str = "error",
-                        limit: int | None = None) -> Loaded:
+                        limit: int | None = None, *, max_skip_fraction: float = 0.1) -> Loaded:
     """Demonstrations (x, y*) from a file, a Hub name or an offline set. ``Loaded.items``: list[Demonstration]."""
-    return _load(source, split, HUB_DEMOS, "demonstration", parse_demonstration, on_bad_row, limit)
+    return _load(source, split, HUB_DEMOS, "demonstration", parse_demonstration, on_bad_row, limit,
+                 max_skip_fraction)
 
 
 def load_preferences(source: str | Path, split: str | None = None, on_bad_row: str = "error",
-                     limit: int | None = None) -> Loaded:
+                     limit: int | None = None, *, max_skip_fraction: float = 0.1) -> Loaded:
     """Preferences (x, y_w, y_l). ``Loaded.items``: list[Preference]."""
-    return _load(source, split, HUB_PREFERENCES, "preference", parse_preference, on_bad_row, limit)
+    return _load(source, split, HUB_PREFERENCES, "preference", parse_preference, on_bad_row, limit,
+                 max_skip_fraction)
 
 
 __all__ = ["Demonstration", "Preference", "Loaded", "DataError", "load_demonstrations", "load_preferences",

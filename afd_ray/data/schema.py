@@ -113,6 +113,10 @@ class _Row:
             self.fail(key, "the prompt must end with a user turn", "bad_prompt")
         if not prompt[-1]["content"].strip():
             self.fail(key, "the last user turn is empty", "empty_prompt")
+        first = next(i for i, m in enumerate(prompt) if m["role"] != "system")
+        if prompt[first]["role"] == "assistant":  # the template would render a turn nobody asked for
+            self.fail(f"{key}[{first}]", "the conversation starts with an assistant turn; after any system "
+                      "message the first turn must be the user's", "assistant_first")
         return prompt
 
     def check_response(self, key: str, text: str) -> str:
@@ -124,6 +128,17 @@ class _Row:
         if not messages or messages[-1]["role"] != "assistant":
             self.fail(key, "the conversation must end with an assistant turn (y*)", "no_response")
         return self.check_prompt(key, messages[:-1]), self.check_response(key, messages[-1]["content"])
+
+
+def check_skip_fraction(source: str, what: str, bad: dict[str, int], total: int, max_skip_fraction: float,
+                        first: str) -> None:
+    """Stop when more than ``max_skip_fraction`` of ``total`` rows were skipped as bad: that many means a wrong
+    file or field mapping, not a few broken rows. ``first``: the first bad row's error."""
+    n = sum(bad.values())
+    if n > max_skip_fraction * total:
+        raise DataError(source, None, None, f"{n} of {total} {what} rows are bad {bad}, more than "
+                        f"data.max_skip_fraction={max_skip_fraction}; first: {first}. Check the source and its "
+                        "fields, or raise data.max_skip_fraction to skip them anyway", "too_many_bad_rows")
 
 
 def parse_hh_text(text: str) -> list[dict[str, str]]:

@@ -36,13 +36,13 @@ def resolve_target(arg: str) -> Target:
     p = Path(arg)
     if not (p / "config.yaml").is_file():
         return Target(name=p.name or arg, policy=arg)
-    from afd_ray.run import RunDir
+    from afd_ray.runtime.rundir import RunDir
 
     rd = RunDir(p)
     policy = reward = None
     last = rd.latest()
     if last is not None:
-        policy, reward = str(last[1] / "policy"), str(last[1] / "reward")
+        policy, reward = str(last.path / "policy"), str(last.path / "reward")
     for candidate in ("rl_policy", "policy", "sft/model"):  # recipes that save one final model
         if policy is None and (p / candidate / "config.json").is_file():
             policy = str(p / candidate)
@@ -84,7 +84,7 @@ def generate_vllm(policy: str, prompts: list[list[int]], tokenizer, max_new_toke
     workers); temperature 0 is greedy. Much faster than ``generate`` for large models and many prompts."""
     from afd_ray.config import load_config
     from afd_ray.methods.irlignment import sample_once
-    from afd_ray.run import ensure_ray
+    from afd_ray.runtime.system import ensure_ray
 
     overrides = [f"run.device={device}", f"model.dtype={dtype}", f"rollout.max_new_tokens={max_new_tokens}",
                  f"data.max_prompt_tokens={max(map(len, prompts), default=1)}"]  # the engine's context fits every prompt
@@ -117,6 +117,14 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
     from afd_ray.eval.golden import load_golden, mean_se, win_rate
     from afd_ray.eval.report import plot_best_of_n, plot_judge, plot_run_curves, write_report
 
+    pj = None
+    if judge:  # first: a key that must not go to this URL stops the evaluation before any generation
+        from afd_ray.eval.judge import PairwiseJudge
+
+        pj = PairwiseJudge(judge["base_url"], judge["model"], template=judge.get("template", "general"),
+                           api_key_env=judge.get("api_key_env", "OPENAI_API_KEY"),
+                           max_concurrency=judge.get("max_concurrency", 8), max_retries=judge.get("max_retries", 4),
+                           timeout=judge.get("timeout", 60.0))
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"targets": {t.name: {"policy": t.policy, "reward": t.reward} for t in targets},
                     "prompts": len(prompts)}
@@ -161,12 +169,7 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
                 f.write(json.dumps({"prompt": tokenizer.decode(e.prompt_ids, skip_special_tokens=True),
                                     **{name: texts[name][i] for name in texts}}) + "\n")
         (out_dir / "responses.jsonl.tmp").replace(out_dir / "responses.jsonl")
-    if judge and prompts:
-        from afd_ray.eval.judge import PairwiseJudge
-
-        pj = PairwiseJudge(judge["base_url"], judge["model"], template=judge.get("template", "general"),
-                           max_concurrency=judge.get("max_concurrency", 8), max_retries=judge.get("max_retries", 4),
-                           timeout=judge.get("timeout", 60.0))
+    if pj and prompts:
         prompt_text = [tokenizer.decode(e.prompt_ids, skip_special_tokens=True) for e in prompts]
         base = targets[baseline].name
         verdicts = {}
@@ -195,19 +198,16 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
                 lines.append(f"| {t.name} | {acc['accuracy']:.3f} ± {acc['accuracy_se']:.3f} | {acc['pairs']:.0f} |")
         sections.append((f"Reward accuracy on `{preferences}`", lines))
     if mtbench:
-        if not judge:
+        if not pj:
             raise ValueError("MT-Bench grading needs a judge endpoint (--judge-url, --judge-model)")
-        from afd_ray.eval.judge import JudgeClient
         from afd_ray.eval.mtbench import answer_questions, grade, load_questions
 
         questions = load_questions(mtbench)
-        client = JudgeClient(judge["base_url"], judge["model"], max_concurrency=judge.get("max_concurrency", 8),
-                             max_retries=judge.get("max_retries", 4), timeout=judge.get("timeout", 60.0))
         result["mt_bench"] = {}
         lines = ["| policy | mean (± s.e.) | turn 1 | turn 2 | failed |", "|---|---|---|---|---|"]
         for t in targets:
             answers = answer_questions(chat_fn_for(t.policy, tokenizer, max_new_tokens), questions)
-            g = grade(client, questions, answers).summary()
+            g = grade(pj.client, questions, answers).summary()
             result["mt_bench"][t.name] = g
             lines.append(f"| {t.name} | {g['mean']:.2f} ± {g['mean_se']:.2f} | {g.get('turn1', float('nan')):.2f} | "
                          f"{g.get('turn2', float('nan')):.2f} | {g['failed']:.0f} |")
@@ -215,8 +215,8 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
     for t in targets:
         if t.best_of_n:
             sections.append((f"Best-of-N: {t.name}", [json.dumps(r) for r in t.best_of_n]))
-    from afd_ray.run import atomic_write
+    from afd_ray.runtime.files import atomic_write
 
     atomic_write(out_dir / "eval.json", json.dumps(result, indent=1))
-    write_report(out_dir, sections, plots)
+    write_report(out_dir, "Evaluation", sections, plots)
     return result

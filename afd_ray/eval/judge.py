@@ -4,7 +4,8 @@ Each comparison asks twice, with the two responses in both orders. Win only when
 candidate, Lose only when both prefer the baseline, otherwise Tie (position bias cancels). Transport
 errors (HTTP 5xx, timeouts, refused connections) and unparseable answers are retried with exponential
 backoff; a comparison whose retries run out is counted as failed and left out of the rates, so one bad
-request never stops an evaluation. The API key comes from an environment variable and is never logged.
+request never stops an evaluation. The API key comes from an environment variable (``api_key_env``, never
+the command line), is never logged, and is sent over plain http only to this machine (``read_api_key``).
 
     judge = PairwiseJudge("http://127.0.0.1:8000/v1", "gpt-4o", template="helpful")
     result = judge.compare(prompts, candidate_responses, baseline_responses)
@@ -22,6 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 log = logging.getLogger("afd_ray")
 
@@ -118,9 +120,29 @@ def combine(first: str | None, second: str | None) -> str:
     return "tie"
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def read_api_key(base_url: str, api_key_env: str) -> str | None:
+    """The key in environment variable ``api_key_env`` (None when unset), once it is safe to send it to
+    ``base_url``: over https, or over plain http to this machine only (anyone on the path reads plain http)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):  # never echo it: it may be a pasted key
+        raise ValueError("judge: the API key setting (--judge-api-key-env) takes the name of the environment "
+                         "variable that holds the key, e.g. OPENAI_API_KEY, not the key itself")
+    key = os.environ.get(api_key_env)
+    url = urlsplit(base_url)
+    if key and url.scheme != "https" and url.hostname not in LOCAL_HOSTS:
+        raise ValueError(f"judge: refusing to send the API key in ${api_key_env} to {url.hostname!r} over "
+                         f"{url.scheme or 'a URL without a scheme'}, where anyone on the way can read it. Use an "
+                         f"https:// URL for the judge, or unset {api_key_env} if the endpoint needs no key "
+                         f"(plain http carries a key only to {', '.join(LOCAL_HOSTS)})")
+    return key
+
+
 class JudgeClient:
     """Chat requests to an OpenAI-compatible endpoint with retries, exponential backoff, bounded
-    concurrency and token accounting. The key is read from ``api_key_env`` and never logged."""
+    concurrency and token accounting. The key is read from ``api_key_env`` (see ``read_api_key``) and never
+    logged."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
                  max_retries: int = 4, timeout: float = 60.0, backoff: float = 0.5, max_tokens: int = 256,
@@ -130,7 +152,7 @@ class JudgeClient:
         self.base_url, self.model, self.max_retries, self.backoff = base_url, model, max_retries, backoff
         self.max_tokens, self.temperature, self.max_concurrency = max_tokens, temperature, max_concurrency
         # the client retries nothing itself: every retry is ours, counted and backed off
-        self._client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+        self._client = openai.OpenAI(base_url=base_url, api_key=read_api_key(base_url, api_key_env) or "EMPTY",
                                      timeout=timeout, max_retries=0)
         self._lock = threading.Lock()
 

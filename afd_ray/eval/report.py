@@ -1,4 +1,5 @@
-"""Plots and the evaluation report. Every plot function returns the series it drew (read back from the
+"""Reports and plots: the one report writer of every recipe and of the evaluation (``write_report``), with
+the per-iteration table they share. Every plot function returns the series it drew (read back from the
 figure's own lines and bars), and ``write_report`` stores them in ``plots.json`` next to the PNGs, so a
 test can check a plotted series against the run's metrics."""
 
@@ -84,15 +85,38 @@ def plot_judge(results: dict[str, dict], out: Path, title: str) -> dict[str, dic
     return drawn
 
 
-def write_report(out_dir: Path, sections: list[tuple[str, list[str]]], plots: dict[str, dict]) -> Path:
-    """report.md from (heading, lines) sections, with the PNGs linked; plots.json holds the drawn series."""
-    from afd_ray.run import atomic_write
+def _cell(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    lines = ["# Evaluation", ""]
+
+def metrics_table(metrics: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """A markdown table of metrics.jsonl rows: the iteration, then (key, heading) columns; "-" where a row
+    lacks a key. Columns no row has are left out."""
+    columns = [(k, h) for k, h in columns if any(k in m for m in metrics)]
+    lines = ["| it | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
+    for m in metrics:
+        lines.append(f"| {m['iteration']:.0f} | " + " | ".join(_cell(m.get(k)) for k, _ in columns) + " |")
+    return lines
+
+
+def phase_times(metrics: list[dict]) -> list[str]:
+    """Mean seconds per iteration of each ``time/*`` phase."""
+    phases = sorted({k for m in metrics for k in m if k.startswith("time/") and k != "time/iteration"})
+    return [f"- {k.removeprefix('time/')}: {sum(m.get(k, 0) for m in metrics) / max(len(metrics), 1):.1f}"
+            for k in phases]
+
+
+def write_report(out_dir: Path, title: str, sections: list[tuple[str, list[str]]],
+                 plots: dict[str, dict] | None = None, intro: str = "") -> Path:
+    """report.md from (heading, lines) sections, with the PNGs linked; plots.json holds the drawn series."""
+    from afd_ray.runtime.files import atomic_write
+
+    lines = [f"# {title}", ""] + ([intro, ""] if intro else [])
     for heading, body in sections:
         lines += [f"## {heading}", "", *body, ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in sorted(plots)] + [""]
-    atomic_write(out_dir / "plots.json", json.dumps(plots, indent=1))
+    if plots is not None:
+        atomic_write(out_dir / "plots.json", json.dumps(plots, indent=1))
     atomic_write(out_dir / "report.md", "\n".join(lines))
     return out_dir / "report.md"

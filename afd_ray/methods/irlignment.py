@@ -29,7 +29,12 @@ import torch
 
 from afd_ray.algo.selection import BestOfNState
 from afd_ray.config import Config
+from afd_ray.data.build import build_data
 from afd_ray.data.tokenize import Encoded
+from afd_ray.runtime.files import atomic_write
+from afd_ray.runtime.loop import drive, summary_line
+from afd_ray.runtime.rundir import RunDir
+from afd_ray.runtime.system import System, ensure_ray
 from afd_ray.types import PairBatch, Samples, SamplingSpec, SequenceBatch
 
 log = logging.getLogger("afd_ray")
@@ -175,8 +180,6 @@ def sample_once(cfg: Config, model_path: str, prompts: list[list[int]], tokenize
                 temperature: float | None = None) -> list[list[int]]:
     """One response per prompt from ``model_path`` with a short-lived rollout engine, sampled as
     ``cfg.rollout`` says (``temperature`` overrides it; 0 = greedy)."""
-    from afd_ray.run import System
-
     system = System(cfg, {"rollout": model_path}, tokenizer, [], roles=("rollout",))
     try:
         temperature = cfg.rollout.temperature if temperature is None else temperature
@@ -193,19 +196,41 @@ def bon_sampling(cfg: Config) -> SamplingSpec:
                         max_tokens=cfg.rollout.max_new_tokens, seed=cfg.run.seed * 1_000_003 + 29)
 
 
-def run(cfg: Config, echo=print):
-    """SFT (unless model.sft is given) -> discriminator -> Best-of-N curve [-> RL on the learned reward]."""
+def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
+    """SFT (unless model.sft is given) -> discriminator -> Best-of-N curve [-> RL on the learned reward].
+
+    A rerun in the same run directory continues: SFT after its last Ray Train checkpoint, the
+    discriminator and Best-of-N are kept once ``bon.json`` is written, the RL stage after its last
+    checkpoint (it runs in the runtime's loop, with recovery)."""
     from afd_ray.eval.golden import load_golden
     from afd_ray.models.loading import load_tokenizer, resolve_model_path
-    from afd_ray.run import RunDir, System, atomic_write, build_data, ensure_ray
 
-    rd = RunDir.create(cfg)
     init = resolve_model_path(cfg.model.policy)
     tokenizer = load_tokenizer(init)
     train, heldout = build_data(cfg, tokenizer)
     if not heldout:
         raise ValueError("inverse_rlignment evaluates Best-of-N on held-out prompts: set data.heldout > 0")
+    golden = load_golden(cfg.run.golden_reward, tokenizer)
     ensure_ray()
+    done = rd.path / "bon.json"
+    if done.is_file() and (rd.path / "reward_model" / "config.json").is_file():
+        result = json.loads(done.read_text())
+        echo(f"discriminator and Best-of-N already done in {rd.path}")
+    else:
+        result = discriminator_and_best_of_n(cfg, rd, init, tokenizer, train, heldout, golden, echo)
+    if cfg.bon.rl_iterations:
+        rl = rl_on_learned_reward(cfg, rd, result["sft_path"], echo)
+        if rl is None:
+            return rd
+        result["rl"] = rl
+    write_report(rd, cfg, result)
+    echo(f"done: {rd.path} ({rd.path / 'report.md'})")
+    return rd
+
+
+def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, train, heldout, golden, echo) -> dict:
+    from afd_ray.models.loading import resolve_model_path
+
     if cfg.model.sft:
         sft_path = resolve_model_path(cfg.model.sft)
     else:
@@ -213,7 +238,6 @@ def run(cfg: Config, echo=print):
 
         echo(f"SFT from {init} on {len(train)} demonstrations (Ray Train)")
         sft_path = str(train_sft(cfg, train, rd.path / "sft", init, heldout=heldout, echo=echo))
-    golden = load_golden(cfg.run.golden_reward, tokenizer)
     rm_demos = train[: cfg.bon.rm_prompts] if cfg.bon.rm_prompts else train
     eval_demos = heldout[: cfg.bon.prompts] if cfg.bon.prompts else heldout
     positive, negative = DATA_CHOICES[cfg.bon.data_choice]
@@ -260,42 +284,33 @@ def run(cfg: Config, echo=print):
     atomic_write(rd.path / "bon.json", json.dumps(result, indent=1))
     for line in _table(table):
         echo(line)
-    if cfg.bon.rl_iterations:
-        try:
-            result["rl"] = rl_on_learned_reward(cfg, rd, sft_path, tokenizer, train, heldout, golden, echo)
-        finally:
-            rd.close()
-    write_report(rd, cfg, result)
-    echo(f"done: {rd.path} ({rd.path / 'report.md'})")
-    return rd
+    return result
 
 
-def rl_on_learned_reward(cfg: Config, rd, sft_path: str, tokenizer, train, heldout, golden, echo) -> dict:
-    """The IRL loop's policy step on the fixed discriminator reward (no reward updates), from pi_SFT."""
+def rl_on_learned_reward(cfg: Config, rd: RunDir, sft_path: str, echo) -> dict | None:
+    """The IRL loop's policy step on the fixed discriminator reward (no reward updates), from pi_SFT, in
+    the runtime (checkpoints every run.checkpoint_every, resume, recovery); the final policy is saved as
+    ``rl_policy/``. Returns the final held-out diagnostics, or None when stopped early (run.stop_after)."""
     import dataclasses
 
-    from afd_ray.driver import LoopState, evaluate_policy, irl_iteration
-    from afd_ray.replay import DataCursor
-    from afd_ray.run import ROLES, System, summary_line
+    from afd_ray.methods.irl import IRL
 
-    rl_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, iterations=cfg.bon.rl_iterations))
-    paths = dict.fromkeys(ROLES, sft_path) | {"reward": str(rd.path / "reward_model")}
-    roles = ROLES
+    rl_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, iterations=cfg.bon.rl_iterations),
+                                 model=dataclasses.replace(cfg.model, policy=sft_path, reference="", reward=""))
+    paths = {"reward": str(rd.path / "reward_model")}
     if cfg.critic.enabled:  # ppo with a critic: the value model starts from the learned reward model
-        roles, paths["critic"] = ROLES + ("critic",), cfg.critic.model or str(rd.path / "reward_model")
-    system = System(rl_cfg, paths, tokenizer, heldout[:4], roles=roles)
-    state = LoopState(cursor=DataCursor(len(train), seed=cfg.run.seed))
-    try:
-        c = system.collaborators(golden)
-        for t in range(1, cfg.bon.rl_iterations + 1):
-            m = irl_iteration(t, rl_cfg, train, heldout, c, state, learn_reward=False)
-            rd.append_metrics(m)
-            echo("rl " + summary_line(m))
-        final = evaluate_policy(rl_cfg, heldout, c)
-        system.handles["policy"].save(str(rd.path / ".policy_state"), str(rd.path / "rl_policy"), sft_path)
+        paths["critic"] = cfg.critic.model or str(rd.path / "reward_model")
+    final: dict = {}
+
+    def report(rd_, cfg_, metrics):  # after the last iteration, with the actors still up
+        final.update(metrics)
+        recipe.system.handles["policy"].save(str(rd.path / ".policy_state"), str(rd.path / "rl_policy"), sft_path)
         shutil.rmtree(rd.path / ".policy_state", ignore_errors=True)
-    finally:
-        system.shutdown()
+
+    recipe = IRL(rl_cfg, rd, lambda *_: None, learn_reward=False, paths=paths, report=report)
+    if not drive(rd, rl_cfg, recipe, echo, line=lambda m: "rl " + summary_line(m)):
+        echo(f"stopped after RL iteration {rd.latest().iteration}; continue with --resume {rd.path}")
+        return None
     return final
 
 
@@ -311,18 +326,17 @@ def _table(table: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(rd, cfg: Config, result: dict) -> None:
-    from afd_ray.run import atomic_write
+def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
+    from afd_ray.eval.report import write_report as write
 
-    lines = [f"# Inverse-RLignment: {rd.path.name}", "",
-             f"pi_init `{cfg.model.policy}`, pi_SFT `{result['sft_path']}`, demonstrations "
-             f"`{cfg.data.demonstrations}`, discriminator data `{cfg.bon.data_choice}`.", "",
-             "## Discriminator (seeds/000 Eq. 11-12)", ""]
-    lines += [f"- {k.split('/', 1)[1]}: {v:.4f}" for k, v in result.items() if k.startswith("discriminator/")]
-    lines += ["", "## Best-of-N with pi_SFT samples (held-out prompts)", ""] + _table(result["best_of_n"])
+    disc = [f"- {k.split('/', 1)[1]}: {v:.4f}" for k, v in result.items() if k.startswith("discriminator/")]
+    bon = _table(result["best_of_n"])
     if result.get("golden_demonstrations") is not None:
-        lines += ["", f"Demonstrations' golden reward on these prompts: {result['golden_demonstrations']:.3f}"]
+        bon += ["", f"Demonstrations' golden reward on these prompts: {result['golden_demonstrations']:.3f}"]
+    sections = [("Discriminator (seeds/000 Eq. 11-12)", disc), ("Best-of-N with pi_SFT samples (held-out prompts)", bon)]
     if "rl" in result:
-        lines += ["", "## RL on the learned reward (final policy, held-out prompts)", ""]
-        lines += [f"- {k}: {v:.4f}" for k, v in sorted(result["rl"].items())]
-    atomic_write(rd.path / "report.md", "\n".join(lines) + "\n")
+        sections.append(("RL on the learned reward (final policy, held-out prompts)",
+                         [f"- {k}: {v:.4f}" for k, v in sorted(result["rl"].items())]))
+    write(rd.path, f"Inverse-RLignment: {rd.path.name}", sections,
+          intro=f"pi_init `{cfg.model.policy}`, pi_SFT `{result['sft_path']}`, demonstrations "
+                f"`{cfg.data.demonstrations}`, discriminator data `{cfg.bon.data_choice}`.")

@@ -6,20 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from afd_ray.algo.masked import masked_mean
+from afd_ray.algo.losses import value_loss
 from afd_ray.types import SequenceBatch
 from afd_ray.workers.deepspeed_rank import DeepSpeedRank
-
-
-def value_loss(value_BT: torch.Tensor, old_value_BT: torch.Tensor, return_BT: torch.Tensor, mask_BT: torch.Tensor,
-               clip: float = 0.0, denom: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss (PPO): 0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2), masked token mean.
-    clip = 0 gives the plain squared error. All (B, T); returns (loss, stats)."""
-    err = (value_BT - return_BT) ** 2
-    if clip > 0:
-        clipped = old_value_BT + (value_BT - old_value_BT).clamp(-clip, clip)
-        err = torch.maximum(err, (clipped - return_BT) ** 2)
-    return 0.5 * masked_mean(err, mask_BT, denom=denom), {}
 
 
 class CriticLearner(DeepSpeedRank):
@@ -63,8 +52,8 @@ class CriticLearner(DeepSpeedRank):
             if empty:
                 return (v * 0).sum(), {}
             ret, old = rows(returns, idx, b), rows(old_values, idx, b)
-            loss, _ = value_loss(v, old, ret, mask, clip, denom=denom)
-            err = float((((v - ret) ** 2) * mask).sum()) / denom / self.world_size
+            loss = value_loss(v, old, ret, mask, clip, denom=denom)
+            err = float((((v.detach() - ret) ** 2) * mask).sum()) / denom / self.world_size
             return coef * loss, {"value_mse": err}
 
         return self._step(micro, len(mine))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -151,14 +152,17 @@ class DeepSpeedRank:
             for key, v in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(v)
         lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler advances in step())
+        # DeepSpeed skips the update (on every rank alike) when the reduced gradients hold a NaN or inf, in
+        # ZeRO-2 and ZeRO-3, fp32 included: weights, optimizer moments and lr schedule stay as they were
         self.engine.step()
+        applied = self.engine.was_step_applied()
         self.steps += 1
         keys = sorted(stats_sum)
         reduced = self._all_reduce([total] + [stats_sum[k] for k in keys])
         # each rank's micro-batch losses are sum / (global count / world_size): the sum over ranks is
         # world_size times the global mean
         out = {"loss": reduced[0] / self.world_size, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-               "lr": lr}
+               "lr": lr, "nonfinite": 0.0 if applied and math.isfinite(reduced[0]) else 1.0}
         out.update({k: v for k, v in zip(keys, reduced[1:])})
         return out
 
@@ -172,23 +176,44 @@ class DeepSpeedRank:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
-    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str | None = None) -> None:
+    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str | None = None) -> dict[str, int]:
         """DeepSpeed state (weights, optimizer, RNG) into ``ckpt_dir`` on every rank; the HF-format model
-        into ``hf_dir`` from rank 0 (gathered under ZeRO-3)."""
+        into ``hf_dir`` from rank 0 (gathered under ZeRO-3). Returns the files this rank wrote, relative to
+        the parent of ``ckpt_dir``, with their sizes, each fsynced (the runtime verifies them all before it
+        commits the checkpoint)."""
         import deepspeed
+
+        from afd_ray import faults
 
         rng = {"torch": torch.get_rng_state(), "steps": self.steps}
         self.engine.save_checkpoint(ckpt_dir, tag="state", client_state=rng)
-        if hf_dir is None:
-            return
-        module = self.engine.module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.spec.zero_stage == 3):
-            if self.rank == 0:
-                from afd_ray.models.loading import load_tokenizer, save_model
+        if hf_dir is not None:
+            module = self.engine.module
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.spec.zero_stage == 3):
+                if self.rank == 0:
+                    from afd_ray.models.loading import load_tokenizer, save_model
 
-                if tokenizer_path and tokenizer_path not in self._tokenizers:  # read once, saved every iteration
-                    self._tokenizers[tokenizer_path] = load_tokenizer(tokenizer_path)
-                save_model(module, self._tokenizers.get(tokenizer_path), hf_dir)
+                    if tokenizer_path and tokenizer_path not in self._tokenizers:  # read once, saved every iteration
+                        self._tokenizers[tokenizer_path] = load_tokenizer(tokenizer_path)
+                    save_model(module, self._tokenizers.get(tokenizer_path), hf_dir)
+        faults.point(f"{self.KIND}.save")
+        return self._written(Path(ckpt_dir), Path(hf_dir) if hf_dir else None)
+
+    def _written(self, ckpt_dir: Path, hf_dir: Path | None) -> dict[str, int]:
+        """This rank's files: its ZeRO shards (``*zero_pp_rank_<rank>_*``); rank 0 also the rest of the
+        DeepSpeed folder and the HF folder."""
+        root = ckpt_dir.parent
+        mine = f"zero_pp_rank_{self.rank}_"
+        files = [p for p in ckpt_dir.rglob("*") if p.is_file()
+                 and (mine in p.name or (self.rank == 0 and "zero_pp_rank_" not in p.name))]
+        if self.rank == 0 and hf_dir is not None:
+            files += [p for p in hf_dir.rglob("*") if p.is_file()]
+        out = {}
+        for p in files:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            out[str(p.relative_to(root))] = p.stat().st_size
+        return out
 
     def load(self, ckpt_dir: str) -> int:
         _, client = self.engine.load_checkpoint(ckpt_dir, tag="state")

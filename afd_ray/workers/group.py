@@ -7,11 +7,35 @@ anti-pattern is avoided by construction).
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import ray
 
-from afd_ray.placement import Plan
+from afd_ray import faults
+from afd_ray.placement import Plan, check_fits
+
+
+class CallTimeout(TimeoutError):
+    """A remote call passed its deadline (``run.call_timeout_s``): the actor is hung or far too slow, and
+    the runtime treats it as dead."""
+
+
+def wait_all(refs: list[ray.ObjectRef], timeout_s: float | None, what: str) -> list[Any]:
+    """``ray.get(refs)`` that fails fast and has a deadline.
+
+    The first error raises at once (a dead rank's peers may be stuck in a collective waiting for it, so
+    waiting for them in order would hang), and past ``timeout_s`` (None or 0: none) ``CallTimeout``
+    names ``what``. The one place the driver waits on actors."""
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    pending = list(refs)
+    while pending:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            raise CallTimeout(f"{what}: no answer within run.call_timeout_s={timeout_s:g} s")
+        ray.get(done[0])  # raises the call's error, if any
+    return ray.get(list(refs))
 
 
 def free_port() -> int:
@@ -25,7 +49,11 @@ def reserve(plan: Plan) -> dict[str, Any]:
     from ray.util.placement_group import placement_group
 
     groups = {name: placement_group(bundles, strategy="PACK") for name, bundles in plan.groups.items()}
-    ray.get([pg.ready() for pg in groups.values()])
+    ready = [pg.ready() for pg in groups.values()]
+    _, pending = ray.wait(ready, num_returns=len(ready), timeout=30)
+    if pending:  # a plan larger than the cluster would wait forever; an autoscaler may still be adding nodes
+        check_fits(plan, ray.cluster_resources())
+        ray.get(pending)
     return groups
 
 
@@ -48,11 +76,11 @@ class ActorGroup:
     rank=i, world_size, master_addr and master_port (torch.distributed rendezvous on rank 0's node)."""
 
     def __init__(self, cls: type, plan: Plan, role: str, groups: dict[str, Any], *args, ranked: bool = False,
-                 env: dict[str, str] | None = None, **kwargs):
+                 env: dict[str, str] | None = None, timeout_s: float | None = None, **kwargs):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         slots = plan.roles[role]
-        self.role, self.world_size = role, len(slots)
+        self.role, self.world_size, self.timeout_s = role, len(slots), timeout_s or None
         remote_cls = ray.remote(cls)
         extra: dict[str, Any] = {}
         if ranked:
@@ -66,8 +94,9 @@ class ActorGroup:
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
                     groups[slot.group], placement_group_bundle_index=slot.bundle),
             }
-            if env:
-                options["runtime_env"] = {"env_vars": env}
+            env_vars = {**(env or {}), **faults.env()}
+            if env_vars:
+                options["runtime_env"] = {"env_vars": env_vars}
             rank = {"rank": i} if ranked else {}
             self.actors.append(remote_cls.options(**options).remote(*args, **kwargs, **extra, **rank))
 
@@ -75,9 +104,25 @@ class ActorGroup:
         """Call ``method`` on every actor with the same arguments; one ObjectRef per actor."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
+    def call(self, method: str, *args, **kwargs) -> list[Any]:
+        """``run`` and wait for every rank, within the group's deadline."""
+        return wait_all(self.run(method, *args, **kwargs), self.timeout_s, f"{self.role}.{method}")
+
+    def ready(self, timeout_s: float | None) -> None:
+        """Wait until every actor is constructed (model loaded, engine started)."""
+        wait_all([a.__ray_ready__.remote() for a in self.actors], timeout_s, f"starting the {self.role} actors")
+
+    def dead(self) -> bool:
+        """Whether any actor of the group has died (each answers a no-op within 10 s, or is counted dead)."""
+        try:
+            wait_all([a.__ray_ready__.remote() for a in self.actors], 10.0, f"{self.role} liveness")
+            return False
+        except (ray.exceptions.RayActorError, CallTimeout):
+            return True
+
     def kill(self) -> None:
         for a in self.actors:
-            ray.kill(a)
+            ray.kill(a, no_restart=True)
 
 
 def unshard(parts: list[list[Any]]) -> list[Any]:

@@ -1,11 +1,13 @@
 """The driver's collaborators backed by real actors: rollout pool, policy / reward groups, reference, sync.
 
 Each handle turns one driver call into one fan-out (data put in the object store once, ObjectRefs to
-every rank) and one ``ray.get``. Driver-logic tests pass fakes with the same methods instead.
+every rank) and one wait (``wait_all``: fails fast on a dead actor, raises ``CallTimeout`` past the
+group's deadline). Driver-logic tests pass fakes with the same methods instead.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 
@@ -13,12 +15,17 @@ import ray
 import torch
 
 from afd_ray.types import PairBatch, PolicyBatch, Samples, SamplingSpec, SequenceBatch
-from afd_ray.workers.group import ActorGroup, unshard
+from afd_ray.workers.group import ActorGroup, unshard, wait_all
 
 
 class WeightSyncError(RuntimeError):
     """vLLM's log-probs disagree with the learner's after a weight sync: the engines hold stale or wrong
-    weights, and sampling from them would silently train on the wrong policy."""
+    weights, and sampling from them would silently train on the wrong policy. ``role`` is the side whose
+    numbers are not finite ("policy" or "rollout"), or None when both are finite but disagree."""
+
+    def __init__(self, message: str, role: str | None = None):
+        super().__init__(message)
+        self.role = role
 
 
 class RolloutPool:
@@ -30,11 +37,11 @@ class RolloutPool:
 
     def sleep(self) -> None:
         if self.sleep_between:
-            ray.get(self.group.run("sleep"))
+            self.group.call("sleep")
 
     def wake_up(self) -> None:
         if self.sleep_between:
-            ray.get(self.group.run("wake_up"))
+            self.group.call("wake_up")
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Samples:
         """Split prompts over the engines (contiguous chunks, so the order is kept) and merge."""
@@ -43,48 +50,50 @@ class RolloutPool:
         refs = [a.generate.remote(c, SamplingSpec(**{**asdict(spec), "seed": None if spec.seed is None
                                                      else spec.seed + 7919 * i}))
                 for i, (a, c) in enumerate(zip(self.group.actors, chunks)) if c]
-        parts = ray.get(refs)
+        parts = wait_all(refs, self.group.timeout_s, "rollout.generate")
         return Samples(prompt_ids=[p for s in parts for p in s.prompt_ids],
                        response_ids=[r for s in parts for r in s.response_ids],
                        logprobs=[lp for s in parts for lp in s.logprobs], n=spec.n)
 
 
 class _LearnerGroup:
-    """What both DeepSpeed groups share: checkpoints."""
+    """What every DeepSpeed group shares: checkpoints."""
 
     def __init__(self, group: ActorGroup):
         self.group = group
 
-    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str) -> None:
-        ray.get(self.group.run("save", ckpt_dir, hf_dir, tokenizer_path))
+    def save(self, ckpt_dir: str, hf_dir: str | None, tokenizer_path: str) -> dict[int, dict[str, int]]:
+        """Every rank saves; returns, per rank, the files it wrote (relative to the checkpoint root, the
+        parent of ``ckpt_dir``) and their sizes, for the runtime to verify before it commits."""
+        return dict(enumerate(self.group.call("save", ckpt_dir, hf_dir, tokenizer_path)))
 
     def load(self, ckpt_dir: str) -> None:
-        ray.get(self.group.run("load", ckpt_dir))
+        self.group.call("load", ckpt_dir)
 
 
 class PolicyGroup(_LearnerGroup):
     def update(self, batch: PolicyBatch) -> dict[str, float]:
-        return ray.get(self.group.run("update", ray.put(batch)))[0]
+        return self.group.call("update", ray.put(batch))[0]
 
     def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
-        return unshard(ray.get(self.group.run("logprobs", ray.put(seqs))))
+        return unshard(self.group.call("logprobs", ray.put(seqs)))
 
 
 class RewardGroup(_LearnerGroup):
     def score(self, seqs: SequenceBatch) -> torch.Tensor:
-        return torch.tensor(unshard(ray.get(self.group.run("score", ray.put(seqs)))), dtype=torch.float32)
+        return torch.tensor(unshard(self.group.call("score", ray.put(seqs))), dtype=torch.float32)
 
     def update(self, pairs: PairBatch, loss: str = "pairwise", margin: float = 0.0) -> dict[str, float]:
-        return ray.get(self.group.run("update", ray.put(pairs), loss, margin))[0]
+        return self.group.call("update", ray.put(pairs), loss, margin)[0]
 
 
 class CriticGroup(_LearnerGroup):
     def values(self, seqs: SequenceBatch) -> list[list[float]]:
-        return unshard(ray.get(self.group.run("values", ray.put(seqs))))
+        return unshard(self.group.call("values", ray.put(seqs)))
 
     def update(self, seqs: SequenceBatch, returns: list[list[float]], old_values: list[list[float]],
                clip: float = 0.0, coef: float = 1.0) -> dict[str, float]:
-        return ray.get(self.group.run("update", ray.put(seqs), ray.put(returns), ray.put(old_values), clip, coef))[0]
+        return self.group.call("update", ray.put(seqs), ray.put(returns), ray.put(old_values), clip, coef)[0]
 
 
 class Reference:
@@ -92,7 +101,7 @@ class Reference:
         self.group = group
 
     def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
-        return ray.get(self.group.actors[0].logprobs.remote(seqs))
+        return wait_all([self.group.actors[0].logprobs.remote(seqs)], self.group.timeout_s, "reference.logprobs")[0]
 
 
 class WeightSync:
@@ -102,31 +111,40 @@ class WeightSync:
     def __init__(self, policy: ActorGroup, rollout: ActorGroup, probe: SequenceBatch, tol: float,
                  backend: str = "gloo", bucket_bytes: int = 64 << 20, pool: RolloutPool | None = None):
         self.policy, self.rollout, self.probe, self.tol, self.pool = policy, rollout, probe, tol, pool
-        tp = ray.get(rollout.actors[0].tensor_parallel_size.remote())
+        timeout = policy.timeout_s
+        tp = wait_all([rollout.actors[0].tensor_parallel_size.remote()], timeout, "rollout.tensor_parallel_size")[0]
         world = 1 + tp * len(rollout.actors)
-        addr, port = ray.get(policy.actors[0].rendezvous.remote())  # the store lives with learner rank 0
+        # the store lives with learner rank 0
+        addr, port = wait_all([policy.actors[0].rendezvous.remote()], timeout, "policy.rendezvous")[0]
         refs = [a.init_weight_sync.remote(addr, port, 1 + i * tp, world, backend) for i, a in enumerate(rollout.actors)]
         refs += policy.run("init_weight_sync", addr, port, world, backend)
-        ray.get(refs)
-        self.buckets = ray.get(policy.actors[0].weight_buckets.remote(bucket_bytes))
-        self.last_seconds = 0.0
+        wait_all(refs, timeout, "init_weight_sync")
+        self.buckets = wait_all([policy.actors[0].weight_buckets.remote(bucket_bytes)], timeout,
+                                "policy.weight_buckets")[0]
 
     def sync(self) -> dict[str, float]:
         if self.pool is not None:
             self.pool.wake_up()
         t0 = time.perf_counter()
-        ray.get(self.policy.run("broadcast_weights", self.buckets)
-                + self.rollout.run("receive_weights", self.buckets))
+        wait_all(self.policy.run("broadcast_weights", self.buckets) + self.rollout.run("receive_weights", self.buckets),
+                 self.policy.timeout_s, "weight sync")
         seconds = time.perf_counter() - t0
         return {"sync_seconds": seconds, "sync_logprob_diff": self.check()}
 
     def check(self) -> float:
-        """Mean |log pi_vllm - log pi_learner| over the probe responses, worst engine; raises above tol."""
+        """Mean |log pi_vllm - log pi_learner| over the probe responses, worst engine; raises above tol,
+        and on any non-finite log-prob (``nan > tol`` is false: NaN must fail explicitly)."""
         seqs = [p + r for p, r in zip(self.probe.prompts, self.probe.responses)]
         start = [len(p) for p in self.probe.prompts]
-        learner = unshard(ray.get(self.policy.run("logprobs", self.probe)))
+        learner = unshard(self.policy.call("logprobs", self.probe))
+        if not all(math.isfinite(x) for row in learner for x in row):
+            raise WeightSyncError("weight sync check: the policy learner's own log-probs of the probe batch are "
+                                  "not finite: its weights are NaN/inf", role="policy")
         worst = 0.0
-        for i, engine in enumerate(ray.get(self.rollout.run("prompt_logprobs", seqs, start))):
+        for i, engine in enumerate(self.rollout.call("prompt_logprobs", seqs, start)):
+            if not all(math.isfinite(x) for row in engine for x in row):
+                raise WeightSyncError(f"weight sync check: rollout engine {i} gives non-finite log-probs on the probe "
+                                      "batch after the sync: the weights it received are corrupted", role="rollout")
             diffs = [abs(a - b) for e, lr in zip(engine, learner) for a, b in zip(e, lr)]
             diff = sum(diffs) / max(len(diffs), 1)
             worst = max(worst, diff)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from afd_ray import faults
 from afd_ray.algo import losses
 from afd_ray.algo.kl import kl_per_token
 from afd_ray.algo.masked import batch_mean, masked_mean, masked_sum
@@ -31,6 +32,7 @@ class PolicyLearner(DeepSpeedRank):
 
     def update(self, batch: PolicyBatch) -> dict[str, float]:
         """One optimizer step of ``batch.objective`` on this rank's shard."""
+        faults.point("policy.update")
         if batch.objective == "dpo":
             return self._update_dpo(batch)
         n = len(batch.seqs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from afd_ray import faults
+from afd_ray.algo.losses import discriminator_loss, pairwise_reward_loss
 from afd_ray.types import PairBatch, SequenceBatch
 from afd_ray.workers.deepspeed_rank import DeepSpeedRank
 
@@ -24,19 +26,24 @@ class RewardLearner(DeepSpeedRank):
             r = reward_forward(self.engine.module, b.input_ids, b.attention_mask)
             if not empty:
                 out += r.tolist()
-        return out
+        return faults.corrupt("reward.score", torch.tensor(out)).tolist()  # tests: a reward model gone NaN
 
     def update(self, pairs: PairBatch, loss: str = "pairwise", margin: float = 0.0) -> dict[str, float]:
-        """One optimizer step of the reward model on this rank's shard of ``pairs``."""
+        """One optimizer step of the reward model on this rank's shard of ``pairs``: "pairwise" is
+        ``pairwise_reward_loss`` (seeds/004 Eq. 21a; Eq. 13 on preference pairs; Eq. 24a with AIHF's per-pair
+        weights), "discriminator" is ``discriminator_loss`` (seeds/000 Eq. 11) with chosen as positives and
+        rejected as negatives."""
         from afd_ray.models.loading import reward_forward
 
+        if loss not in ("pairwise", "discriminator"):
+            raise ValueError(f"reward loss must be 'pairwise' or 'discriminator', got {loss!r}")
         n = len(pairs)
         mine = list(range(self.rank, n, self.world_size))
         chosen = SequenceBatch([pairs.chosen.prompts[i] for i in mine], [pairs.chosen.responses[i] for i in mine])
         rejected = SequenceBatch([pairs.rejected.prompts[i] for i in mine],
                                  [pairs.rejected.responses[i] for i in mine])
         weight = pairs.weight if pairs.weight is not None else torch.ones(n)
-        denom = n / self.world_size
+        denom = n / self.world_size  # DeepSpeed averages over ranks: scale back to the global mean
 
         def micro(idx):
             idx = list(idx)
@@ -44,14 +51,14 @@ class RewardLearner(DeepSpeedRank):
             br, _ = self._batch(rejected, idx)
             rc = reward_forward(self.engine.module, bc.input_ids, bc.attention_mask)
             rr = reward_forward(self.engine.module, br.input_ids, br.attention_mask)
+            # an empty micro-batch scores one dummy pair at weight 0, so every rank runs the same collectives
             w = weight[[mine[i] for i in idx]].to(self.device) if not empty else torch.zeros(1, device=self.device)
-            if loss == "pairwise":  # seeds/004 Eq. 21a (per-pair weights for AIHF, Eq. 24a)
-                per_pair = torch.nn.functional.softplus(-(rc - rr - margin))
-            else:  # discriminator BCE, seeds/000 Eq. 11: positives = chosen, negatives = rejected
-                per_pair = torch.nn.functional.softplus(-rc) + torch.nn.functional.softplus(rr)
-            value = (w * per_pair).sum() / denom
-            acc = float(((rc > rr).float() * (w > 0)).sum()) / n
-            return value, {"accuracy": acc, "reward_gap": float((rc - rr).sum()) / n if not empty else 0.0}
+            if loss == "pairwise":
+                value = pairwise_reward_loss(rc, rr, margin, weight_B=w, denom=denom)
+            else:
+                value = discriminator_loss(rc, rr, denom, denom, weight_pos_B=w, weight_neg_B=w)
+            gap = (rc - rr).detach()
+            acc = float(((gap > 0).float() * (w > 0)).sum()) / n
+            return value, {"accuracy": acc, "reward_gap": float(gap.sum()) / n if not empty else 0.0}
 
         return self._step(micro, len(mine))
-

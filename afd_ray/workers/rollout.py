@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from afd_ray import faults
 from afd_ray.types import Samples, SamplingSpec
 
 EXTENSION = "afd_ray.workers.weight_sync.WeightSyncExtension"
@@ -35,6 +36,7 @@ class RolloutWorker:
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Samples:
         from vllm import SamplingParams, TokensPrompt
 
+        faults.point("rollout.generate")
         # one seed per prompt: a single shared seed would give every prompt the same random stream
         params = [SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
                                  seed=None if spec.seed is None else spec.seed * 100_003 + i, logprobs=0)

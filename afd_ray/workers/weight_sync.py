@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from afd_ray import faults
+
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
@@ -102,10 +104,13 @@ class WeightSyncExtension:
         group = self._afd_sync_group
         device = self.device if hasattr(self, "device") else "cpu"
 
+        corrupt = faults.fires("rollout.receive_weights") == "nan"  # tests: weights damaged in transit
+
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             for bucket in buckets:
-                yield from receive_bucket(group, [TensorMeta(b["name"], tuple(b["shape"]), b["dtype"])
-                                                  for b in bucket], device)
+                for name, t in receive_bucket(group, [TensorMeta(b["name"], tuple(b["shape"]), b["dtype"])
+                                                      for b in bucket], device):
+                    yield name, t.fill_(float("nan")) if corrupt else t
 
         self.reload_weights(weights_iterator=weights())
         self._afd_refresh_cpu_packed()

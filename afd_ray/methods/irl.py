@@ -1,0 +1,125 @@
+"""The bi-level IRL recipe (``irl``, and ``aihf`` with preference pairs in its reward step) in the runtime:
+data, actors, the loop (``afd_ray.driver``), checkpoints, final evaluation and report.
+
+A checkpoint of iteration t holds the policy, reward (and critic) models in HF format and their DeepSpeed
+states (weights, optimizer, RNG), plus ``loop.pt``: the data cursors and the pair replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from afd_ray.config import Config
+from afd_ray.data.build import build_data, build_preferences
+from afd_ray.driver import Collaborators, LoopState, PreferenceData, evaluate_policy, irl_iteration
+from afd_ray.eval.golden import load_golden
+from afd_ray.replay import DataCursor, PairReplay
+from afd_ray.runtime.guard import NonFiniteGuard
+from afd_ray.runtime.loop import drive
+from afd_ray.runtime.rundir import Checkpoint, RunDir
+from afd_ray.runtime.system import ROLES, System, ensure_ray
+
+LEARNERS = ("policy", "reward", "critic")
+
+
+def save_loop_state(tmp: Path, state: LoopState, t: int) -> None:
+    torch.save({"cursor": asdict(state.cursor), "replay": state.replay.pairs, "iteration": t,
+                "pref_cursor": asdict(state.pref_cursor) if state.pref_cursor else None}, tmp / "loop.pt")
+
+
+def load_loop_state(path: Path, t: int) -> LoopState:
+    loop = torch.load(path / "loop.pt", weights_only=True)  # our own file, still never code
+    return LoopState(cursor=DataCursor(**loop["cursor"]), replay=PairReplay([tuple(p) for p in loop["replay"]]),
+                     iteration=t, pref_cursor=DataCursor(**loop["pref_cursor"]) if loop.get("pref_cursor") else None)
+
+
+class IRL:
+    """The IRL loop as a runtime recipe. ``learn_reward=False`` keeps r_phi fixed (the RL stage of
+    Inverse-RLignment on its discriminator reward); ``paths`` overrides the initial models per role."""
+
+    def __init__(self, cfg: Config, rd: RunDir, echo=print, learn_reward: bool = True,
+                 paths: dict[str, str] | None = None, report=None):
+        from afd_ray.models.loading import load_tokenizer, resolve_model_path
+
+        self.cfg, self.rd, self.echo, self.learn_reward, self.report = cfg, rd, echo, learn_reward, report
+        self.initial = resolve_model_path(cfg.model.policy)
+        self.tokenizer = load_tokenizer(self.initial)
+        self.train, self.heldout = build_data(cfg, self.tokenizer)
+        self.prefs = PreferenceData(*build_preferences(cfg, self.tokenizer)) if cfg.run.method == "aihf" else None
+        reward = resolve_model_path(cfg.model.reward) if cfg.model.reward else self.initial
+        reference = resolve_model_path(cfg.model.reference) if cfg.model.reference else self.initial
+        self.paths = {"rollout": self.initial, "policy": self.initial, "reward": reward, "reference": reference}
+        self.roles = ROLES
+        if cfg.critic.enabled:
+            self.roles = ROLES + ("critic",)
+            self.paths["critic"] = resolve_model_path(cfg.critic.model) if cfg.critic.model else reward
+        self.paths |= paths or {}
+        self.golden = load_golden(cfg.run.golden_reward, self.tokenizer)
+        self.guard = NonFiniteGuard(cfg.run.max_nonfinite)
+        self.system = None
+        self.state = None
+        self.c = None
+
+    def start(self, last: Checkpoint | None) -> None:
+        paths = dict(self.paths)
+        if last is not None:  # the models of the last checkpoint; the reference stays pi_ref
+            paths |= {r: str(last.path / r) for r in LEARNERS if r in self.roles and (r != "reward" or self.learn_reward)}
+            paths["rollout"] = paths["policy"]
+            self.state = load_loop_state(last.path, last.iteration)
+        else:
+            self.state = LoopState(cursor=DataCursor(len(self.train), seed=self.cfg.run.seed),
+                                   pref_cursor=DataCursor(len(self.prefs.train), seed=self.cfg.run.seed + 1)
+                                   if self.prefs else None)
+        ensure_ray()
+        self.system = System(self.cfg, paths, self.tokenizer, self.heldout[:4], roles=self.roles)
+        if last is not None:
+            for role in LEARNERS:
+                if role in self.roles and (role != "reward" or self.learn_reward):
+                    self.system.handles[role].load(str(last.path / f"{role}_state"))
+        self.system.sync.check()  # the engines start from the same weights as the learner: prove it
+        self.c = Collaborators.of(self.system, self.golden)
+
+    def iteration(self, t: int) -> dict[str, float]:
+        return irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state, learn_reward=self.learn_reward,
+                             prefs=self.prefs, guard=self.guard)
+
+    def save(self, tmp: Path) -> dict[str, dict[int, dict[str, int]]]:
+        written = {}
+        for role in LEARNERS:
+            if role in self.roles and (role != "reward" or self.learn_reward):
+                written[role] = self.system.handles[role].save(str(tmp / f"{role}_state"), str(tmp / role),
+                                                               self.initial)
+        save_loop_state(tmp, self.state, self.state.iteration)
+        return written
+
+    def finish(self) -> None:
+        final = evaluate_policy(self.cfg, self.heldout, self.c) if self.heldout else {}
+        (self.report or write_report)(self.rd, self.cfg, final)
+        self.echo(f"done: {self.rd.path} ({self.rd.path / 'report.md'})")
+
+
+
+def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
+    if not drive(rd, cfg, IRL(cfg, rd, echo), echo):
+        echo(f"stopped after iteration {rd.latest().iteration}; continue with --resume {rd.path}")
+    return rd
+
+
+def write_report(rd: RunDir, cfg: Config, final: dict) -> None:
+    from afd_ray.eval.report import metrics_table, phase_times
+    from afd_ray.eval.report import write_report as write
+
+    ms = rd.metrics()
+    columns = [("rollout/reward", "reward"), ("rollout/kl", "KL"), ("heldout/reward_accuracy", "held-out acc"),
+               ("heldout/reward_gap", "reward gap"), ("golden/heldout_policy", "golden (held-out)"),
+               ("time/iteration", "iteration s")]
+    sections = [("Per iteration", metrics_table(ms, columns)),
+                ("Time per phase (mean seconds per iteration)", phase_times(ms))]
+    if final:
+        sections.append(("Final policy on held-out prompts", [f"- {k}: {v:.4f}" for k, v in sorted(final.items())]))
+    write(rd.path, f"Run report: {rd.path.name}", sections,
+          intro=f"method `{cfg.run.method}`, policy algo `{cfg.policy.algo}`, model `{cfg.model.policy}`, "
+                f"demonstrations `{cfg.data.demonstrations}`, {len(ms)} iterations.")

@@ -1,0 +1,144 @@
+"""The actors of one run (``System``) and the Ray instance they live in (``ensure_ray``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from afd_ray.config import Config
+from afd_ray.data.tokenize import Encoded
+
+ROLES = ("rollout", "policy", "reward", "reference")  # and "critic" for ppo with a critic
+
+# how long actors may take to start (model load, vLLM engine start: 17-27 s on 2 cores, minutes for 7B on GPU)
+START_TIMEOUT_S = 1800.0
+
+
+class System:
+    """The actors of one run and the driver's collaborators over them.
+
+    ``roles`` picks which groups exist (a Best-of-N run has no policy learner, DPO has no rollout); the
+    weight sync exists when both the policy learner and the rollout engines do. ``paths`` maps each role
+    to the model it loads (the reward role: a causal LM backbone or a saved reward model). Every call on
+    the groups has the deadline ``run.call_timeout_s``; construction waits until every actor is up."""
+
+    def __init__(self, cfg: Config, paths: dict[str, str], tokenizer, probe: list[Encoded],
+                 roles: tuple[str, ...] = ROLES):
+        from afd_ray.placement import plan
+        from afd_ray.types import SequenceBatch
+        from afd_ray.workers import handles
+        from afd_ray.workers.deepspeed_rank import LearnerSpec
+        from afd_ray.workers.group import ActorGroup, reserve
+        from afd_ray.workers.policy import PolicyLearner
+        from afd_ray.workers.reference import ReferenceServer
+        from afd_ray.workers.reward import RewardLearner
+        from afd_ray.workers.rollout import RolloutWorker
+
+        p = plan(cfg, roles)
+        self.groups = reserve(p)
+        self.actor_groups: list = []
+        self.handles: dict = {}
+        self.sync = None
+        cpu = cfg.run.device == "cpu"
+        cores = os.cpu_count() or 2
+        pad = tokenizer.pad_token_id
+        learner_env = {"OMP_NUM_THREADS": str(max(1, cores // cfg.policy.world_size))} if cpu else None
+        max_len = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_response_tokens) + 8
+        common = dict(dtype=cfg.model.dtype, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
+                      seed=cfg.run.seed, device=cfg.run.device, pad_token_id=pad)
+        timeout = cfg.run.call_timeout_s
+        self.rollout = self.policy = self.reward = self.reference = self.critic = None
+        try:
+            if "rollout" in roles:
+                self.rollout = ActorGroup(
+                    RolloutWorker, p, "rollout", self.groups, paths["rollout"], dtype=cfg.model.dtype,
+                    max_model_len=max_len, seed=cfg.run.seed,
+                    gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                    enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                    device=cfg.run.device, omp_threads_bind=f"0-{cores - 1}" if cpu else "auto",
+                    kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate, timeout_s=timeout)
+                self.handles["rollout"] = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate)
+            if "policy" in roles:
+                self.policy = ActorGroup(PolicyLearner, p, "policy", self.groups, LearnerSpec(
+                    paths["policy"], lr=cfg.policy.lr, warmup_steps=cfg.policy.warmup_steps,
+                    weight_decay=cfg.policy.weight_decay,
+                    grad_clip=cfg.policy.grad_clip, zero_stage=cfg.policy.zero_stage,
+                    micro_batch_size=cfg.policy.micro_batch_size, **common), ranked=True, env=learner_env,
+                    timeout_s=timeout)
+                self.handles["policy"] = handles.PolicyGroup(self.policy)
+            if "reward" in roles:
+                self.reward = ActorGroup(RewardLearner, p, "reward", self.groups, LearnerSpec(
+                    paths["reward"], lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip,
+                    zero_stage=cfg.reward.zero_stage, micro_batch_size=cfg.reward.micro_batch_size,
+                    freeze_layers=cfg.reward.freeze_layers, **common), ranked=True, env=learner_env, timeout_s=timeout)
+                self.handles["reward"] = handles.RewardGroup(self.reward)
+            if "reference" in roles:
+                self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, paths["reference"],
+                                            dtype=cfg.model.dtype, micro_batch_size=cfg.policy.micro_batch_size,
+                                            pad_token_id=pad, device=cfg.run.device, timeout_s=timeout)
+                self.handles["reference"] = handles.Reference(self.reference)
+            if "critic" in roles:
+                from afd_ray.workers.critic import CriticLearner
+
+                self.critic = ActorGroup(CriticLearner, p, "critic", self.groups, LearnerSpec(
+                    paths["critic"], lr=cfg.critic.lr, grad_clip=cfg.policy.grad_clip,
+                    zero_stage=cfg.critic.zero_stage, micro_batch_size=cfg.critic.micro_batch_size,
+                    freeze_layers=cfg.reward.freeze_layers, **common), ranked=True, env=learner_env, timeout_s=timeout)
+                self.handles["critic"] = handles.CriticGroup(self.critic)
+            self.actor_groups = [g for g in (self.rollout, self.policy, self.reward, self.reference, self.critic)
+                                 if g is not None]
+            for g in self.actor_groups:
+                g.ready(max(START_TIMEOUT_S, timeout))
+            if self.policy is not None and self.rollout is not None:
+                probe_batch = SequenceBatch([e.prompt_ids for e in probe], [e.response_ids for e in probe])
+                self.sync = handles.WeightSync(self.policy, self.rollout, probe_batch, cfg.run.sync_check_tol,
+                                               backend="gloo" if cpu else "nccl", pool=self.handles["rollout"])
+        except BaseException:
+            self.actor_groups = [g for g in (self.rollout, self.policy, self.reward, self.reference, self.critic)
+                                 if g is not None]
+            self.shutdown()
+            raise
+
+    def dead_roles(self) -> list[str]:
+        """The roles with a dead actor (after a failed call: was it the actor or the call?)."""
+        return [g.role for g in self.actor_groups if g.dead()]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for g in self.actor_groups:
+            g.kill()
+        for pg in self.groups.values():
+            ray.util.remove_placement_group(pg)
+        self.actor_groups, self.groups = [], {}
+
+
+def local_ray_env() -> int | None:
+    """Settings for a Ray instance this process starts, made before ``ray.init`` so every Ray process
+    inherits them; returns the dashboard port to start (None under a given cluster address).
+
+    Ray Train collects worker reports every 0.2 s instead of 2 s (a report per SFT step otherwise costs
+    2 s). Ray Train's placement-group cleaner finds the state API through RAY_API_SERVER_ADDRESS, else by
+    discovering "the" local cluster, which on a machine running another Ray instance can be the wrong one
+    (it then removes this job's placement groups): pin it to this instance's dashboard port."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    from afd_ray.workers.group import free_port
+
+    with socket.socket() as s:
+        port = 8265 if s.connect_ex(("127.0.0.1", 8265)) != 0 else free_port()
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    return port
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        port = local_ray_env()
+        # Under `ray job submit` RAY_ADDRESS points at the cluster; plain `python` starts a local instance
+        # whose dashboard listens on localhost only (the job API runs code: never open it to the network).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                 **({"dashboard_port": port, "dashboard_host": "127.0.0.1"} if port else {}))
