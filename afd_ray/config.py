@@ -282,7 +282,8 @@ class RunConfig:
     sync_check_tol: float = 0.05
     """Largest mean |logprob difference| between vLLM and the learner allowed after a weight sync."""
     stop_after: int = 0
-    """Stop cleanly after this many iterations in this invocation (resume later with --resume); 0 = run all."""
+    """Stop cleanly after this many iterations in this invocation (resume later with --resume, which runs to
+    the end unless given run.stop_after again); 0 = run all."""
     keep_checkpoints: int = 1
     """Complete iteration checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
     checkpoint_every: int = 1

@@ -36,7 +36,8 @@ def open_run(cfg: Config | None, resume: str | Path | None, overrides: list[str]
     if cfg is not None:
         raise ConfigError("--resume continues a run with its saved config: give overrides, not a config")
     path = Path(resume)
-    saved = RunDir(path).saved_config(overrides)
+    # run.stop_after belongs to the invocation that set it: a resume runs to the end unless told again
+    saved = RunDir(path).saved_config(["run.stop_after=0", *(overrides or [])])
     if saved is None:
         raise ConfigError(f"--resume {resume}: not a run directory (no config.yaml in it)")
     if Path(saved.run.output_dir).resolve() != path.parent.resolve() or saved.run.name != path.name:

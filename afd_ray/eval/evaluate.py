@@ -83,8 +83,7 @@ def generate_vllm(policy: str, prompts: list[list[int]], tokenizer, max_new_toke
     """One response per prompt from a short-lived vLLM engine (a Ray actor, as the IRL loop's rollout
     workers); temperature 0 is greedy. Much faster than ``generate`` for large models and many prompts."""
     from afd_ray.config import load_config
-    from afd_ray.methods.irlignment import sample_once
-    from afd_ray.runtime.system import ensure_ray
+    from afd_ray.runtime.system import ensure_ray, sample_once
 
     overrides = [f"run.device={device}", f"model.dtype={dtype}", f"rollout.max_new_tokens={max_new_tokens}",
                  f"data.max_prompt_tokens={max(map(len, prompts), default=1)}"]  # the engine's context fits every prompt

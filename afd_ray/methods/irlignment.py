@@ -34,7 +34,7 @@ from afd_ray.data.tokenize import Encoded
 from afd_ray.runtime.files import atomic_write
 from afd_ray.runtime.loop import drive, summary_line
 from afd_ray.runtime.rundir import RunDir
-from afd_ray.runtime.system import System, ensure_ray
+from afd_ray.runtime.system import System, ensure_ray, sample_once
 from afd_ray.types import PairBatch, Samples, SamplingSpec, SequenceBatch
 
 log = logging.getLogger("afd_ray")
@@ -175,20 +175,6 @@ def train_discriminator(reward, pairs: PairBatch, cfg: Config) -> dict[str, floa
 
 
 # ---- the recipe ------------------------------------------------------------------------------------------
-
-def sample_once(cfg: Config, model_path: str, prompts: list[list[int]], tokenizer, seed: int,
-                temperature: float | None = None) -> list[list[int]]:
-    """One response per prompt from ``model_path`` with a short-lived rollout engine, sampled as
-    ``cfg.rollout`` says (``temperature`` overrides it; 0 = greedy)."""
-    system = System(cfg, {"rollout": model_path}, tokenizer, [], roles=("rollout",))
-    try:
-        temperature = cfg.rollout.temperature if temperature is None else temperature
-        spec = SamplingSpec(n=1, temperature=temperature, top_p=cfg.rollout.top_p,
-                            max_tokens=cfg.rollout.max_new_tokens, seed=seed)
-        return system.handles["rollout"].generate(prompts, spec).response_ids
-    finally:
-        system.shutdown()
-
 
 def bon_sampling(cfg: Config) -> SamplingSpec:
     """How Best-of-N samples pi_SFT (its first chunk, N = 1, is exactly this plain sampling)."""

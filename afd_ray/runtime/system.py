@@ -7,6 +7,7 @@ import socket
 
 from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded
+from afd_ray.types import SamplingSpec
 
 ROLES = ("rollout", "policy", "reward", "reference")  # and "critic" for ppo with a critic
 
@@ -111,6 +112,20 @@ class System:
         for pg in self.groups.values():
             ray.util.remove_placement_group(pg)
         self.actor_groups, self.groups = [], {}
+
+
+def sample_once(cfg: Config, model_path: str, prompts: list[list[int]], tokenizer, seed: int,
+                temperature: float | None = None) -> list[list[int]]:
+    """One response per prompt from ``model_path`` with a short-lived rollout engine, sampled as
+    ``cfg.rollout`` says (``temperature`` overrides it; 0 = greedy)."""
+    system = System(cfg, {"rollout": model_path}, tokenizer, [], roles=("rollout",))
+    try:
+        temperature = cfg.rollout.temperature if temperature is None else temperature
+        spec = SamplingSpec(n=1, temperature=temperature, top_p=cfg.rollout.top_p,
+                            max_tokens=cfg.rollout.max_new_tokens, seed=seed)
+        return system.handles["rollout"].generate(prompts, spec).response_ids
+    finally:
+        system.shutdown()
 
 
 def local_ray_env() -> int | None:

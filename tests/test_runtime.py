@@ -1,0 +1,103 @@
+"""The run directory without actors: config compared on reuse, checkpoint commits that verify every rank's
+files, metrics and latest.json that survive a crash mid-write, the non-finite guard, fault sites."""
+
+import json
+
+import pytest
+
+from afd_ray.config import ConfigError, load_config
+from afd_ray.runtime.guard import NonFiniteError, NonFiniteGuard
+from afd_ray.runtime.rundir import CheckpointError, RunDir
+
+
+def cfg(tmp_path, *overrides):
+    return load_config("toy", [f"run.output_dir={tmp_path}", "run.name=r", *overrides])
+
+
+def test_a_different_config_under_an_existing_run_name_is_an_error_unless_resumed(tmp_path):
+    rd = RunDir.open(cfg(tmp_path))
+    assert RunDir.open(cfg(tmp_path)).path == rd.path  # same config: the same run, continued
+    with pytest.raises(ConfigError, match=r"policy.lr: 0.002 -> 0.001.*--resume"):
+        RunDir.open(cfg(tmp_path, "policy.lr=1e-3"))
+    RunDir.open(cfg(tmp_path, "policy.lr=1e-3"), resume=True)
+    (change,) = [e for e in rd.events() if e["event"] == "config_change"]
+    assert change["changes"] == ["policy.lr: 0.002 -> 0.001"]
+    assert rd.saved_config().policy.lr == 1e-3
+
+
+def test_commit_verifies_every_ranks_files_and_publishes_latest_last(tmp_path):
+    rd = RunDir.open(cfg(tmp_path))
+    tmp = rd.begin(1)
+    (tmp / "policy_state").mkdir()
+    (tmp / "policy_state" / "zero_pp_rank_0.pt").write_bytes(b"x" * 10)
+    written = {"policy": {0: {"policy_state/zero_pp_rank_0.pt": 10}, 1: {"policy_state/zero_pp_rank_1.pt": 7}}}
+    with pytest.raises(CheckpointError, match="policy rank 1: policy_state/zero_pp_rank_1.pt is missing"):
+        rd.commit(1, tmp, written, keep=1)
+    (tmp / "policy_state" / "zero_pp_rank_1.pt").write_bytes(b"y" * 3)
+    with pytest.raises(CheckpointError, match="has 3 bytes, the rank wrote 7"):
+        rd.commit(1, tmp, written, keep=1)
+    with pytest.raises(CheckpointError, match="policy rank 1 wrote no files"):
+        rd.commit(1, tmp, {"policy": {0: written["policy"][0], 1: {}}}, keep=1)
+    assert rd.latest() is None  # nothing was published by the failed commits
+    (tmp / "policy_state" / "zero_pp_rank_1.pt").write_bytes(b"y" * 7)
+    (tmp / "loop.pt").write_bytes(b"z")  # a file the driver wrote itself is in the manifest too
+    final = rd.commit(1, tmp, written, keep=1)
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["files"] == {"policy_state/zero_pp_rank_0.pt": 10, "policy_state/zero_pp_rank_1.pt": 7,
+                                 "loop.pt": 1}
+    assert rd.latest().iteration == 1 and rd.latest().path == final
+
+
+def test_latest_survives_an_empty_or_damaged_latest_json(tmp_path):
+    rd = RunDir.open(cfg(tmp_path))
+    for t in (1, 2):
+        tmp = rd.begin(t)
+        (tmp / "loop.pt").write_bytes(b"z")
+        rd.commit(t, tmp, {}, keep=2)
+    (rd.ckpt / "latest.json").write_text("")  # the driver died while writing it
+    assert rd.latest().iteration == 2
+    (rd.ckpt / "latest.json").write_text('{"itera')
+    assert rd.latest().iteration == 2
+    (rd.ckpt / ".iter_000003.partial").mkdir()  # an unfinished checkpoint is never picked
+    assert rd.latest().iteration == 2
+
+
+def test_a_half_written_last_metrics_line_is_dropped_and_each_iteration_stays_once(tmp_path):
+    rd = RunDir.open(cfg(tmp_path))
+    for t in (1, 2):
+        rd.append_metrics({"iteration": float(t), "x": t})
+    rd.close()
+    with open(rd.path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 3.0, "x"')  # the driver died mid-line
+    assert [m["iteration"] for m in rd.metrics()] == [1.0, 2.0]
+    rd.truncate_metrics(1)
+    assert [m["iteration"] for m in rd.metrics()] == [1.0]
+    (rd.path / "metrics.jsonl").write_text('{"iteration": 1.0}\nnot json\n{"iteration": 2.0}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2: not JSON"):
+        rd.metrics()
+
+
+def test_the_guard_skips_counts_and_stops_after_max_in_a_row():
+    guard = NonFiniteGuard(limit=2)
+    assert guard.ok("reward", 1, False) is False and not guard.clean
+    assert guard.ok("reward", 2, True) and guard.clean  # a finite step ends the streak
+    assert guard.ok("policy", 3, False) is False
+    with pytest.raises(NonFiniteError, match=r"policy: non-finite .* at iteration 4, 2 steps in a row"):
+        guard.ok("policy", 4, False)
+    assert guard.metrics() == {"policy/nonfinite_skips": 2.0, "reward/nonfinite_skips": 1.0}
+
+
+def test_fault_sites_fire_once_per_run_or_from_the_kth_call(tmp_path, monkeypatch):
+    import torch
+
+    from afd_ray import faults
+
+    monkeypatch.setenv(faults.ENV, "a.b@2=kill;c.d@2=nan+")
+    monkeypatch.setenv(faults.DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(faults, "_calls", {})
+    assert [faults.fires("a.b") for _ in range(3)] == [None, "kill", None]
+    monkeypatch.setattr(faults, "_calls", {})  # a restarted process counts again, but the marker holds
+    assert [faults.fires("a.b") for _ in range(3)] == [None, None, None]
+    x = [faults.corrupt("c.d", torch.ones(2)) for _ in range(3)]
+    assert [bool(torch.isnan(t).all()) for t in x] == [False, True, True]
+    assert faults.fires("elsewhere") is None
