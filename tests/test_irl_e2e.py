@@ -1,4 +1,5 @@
-"""End to end on real actors with the toy task: one alternation, stop and resume, and learning."""
+"""End to end on real actors with the toy task: one alternation and learning (stop, resume and faults:
+tests/test_reliability.py)."""
 
 import json
 import statistics
@@ -10,10 +11,6 @@ from afd_ray.config import load_config
 from afd_ray.run import run
 
 pytestmark = pytest.mark.slow
-
-# metrics that must repeat exactly on CPU when a run is resumed (timings excluded)
-REPRODUCED = ("rollout/reward", "rollout/kl", "policy/loss", "policy/grad_norm", "policy/lr", "reward/loss",
-              "heldout/reward_accuracy", "golden/heldout_policy", "replay_pairs")
 
 
 def toy_cfg(sft, out, name, *overrides):
@@ -47,20 +44,6 @@ def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_sft, t
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("rollout/kl")] == [
         (int(m["iteration"]), pytest.approx(m["rollout/kl"], rel=1e-6, abs=1e-7)) for m in ms]
-
-
-def test_stop_and_resume_reproduces_the_uninterrupted_run(ray_local, toy_sft, tmp_path):
-    # lr warm-up over 6 of the 16 policy steps: the resumed scheduler must continue where it stopped
-    args = ("run.iterations=4", "rollout.prompts_per_iteration=8", "data.heldout=16", "policy.warmup_steps=6")
-    full = run(toy_cfg(toy_sft, tmp_path, "full", *args), echo=lambda *_: None).metrics()
-    part = run(toy_cfg(toy_sft, tmp_path, "part", *args, "run.stop_after=2"), echo=lambda *_: None)
-    assert [m["iteration"] for m in part.metrics()] == [1.0, 2.0]
-    assert not (part.path / "report.md").exists()
-    resumed = run(None, resume=part.path, echo=lambda *_: None).metrics()
-    assert [m["iteration"] for m in resumed] == [1.0, 2.0, 3.0, 4.0]
-    for a, b in zip(full, resumed):
-        for k in REPRODUCED:
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["iteration"], k)
 
 
 def final_golden(rd) -> float:

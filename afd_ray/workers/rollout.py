@@ -53,6 +53,7 @@ class RolloutWorker:
         """log pi(x_t | x_<t) for t >= start[i] of each sequence (the response part), as vLLM computes it."""
         from vllm import SamplingParams, TokensPrompt
 
+        faults.point("rollout.prompt_logprobs")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
         result = []
