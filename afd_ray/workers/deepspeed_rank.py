@@ -3,7 +3,7 @@
 Each rank holds a DeepSpeed ZeRO-2/3 engine (gloo on CPU, NCCL on GPU) and takes its shard
 (``rank::world_size``) of every batch the driver hands the group. Losses are normalised by the *global*
 token (or pair) count, so the gradient DeepSpeed averages over ranks is exactly the single-process
-gradient of the whole batch (tests/test_learners.py checks this against ``afd_ray.algo``). Every rank runs
+gradient of the whole batch (tests/test_system.py checks this against ``afd_ray.algo``). Every rank runs
 the same number of micro-batches (short ranks run a zero-weight one) because ZeRO's collectives must match.
 """
 
