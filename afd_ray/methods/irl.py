@@ -57,6 +57,8 @@ class IRL:
             self.roles = ROLES + ("critic",)
             self.paths["critic"] = resolve_model_path(cfg.critic.model) if cfg.critic.model else reward
         self.paths |= paths or {}
+        # the learners that are checkpointed (a fixed reward model is not)
+        self.learners = [r for r in LEARNERS if r in self.roles and (r != "reward" or learn_reward)]
         self.golden = load_golden(cfg.run.golden_reward, self.tokenizer)
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite)
         self.system = None
@@ -66,7 +68,7 @@ class IRL:
     def start(self, last: Checkpoint | None) -> None:
         paths = dict(self.paths)
         if last is not None:  # the models of the last checkpoint; the reference stays pi_ref
-            paths |= {r: str(last.path / r) for r in LEARNERS if r in self.roles and (r != "reward" or self.learn_reward)}
+            paths |= {r: str(last.path / r) for r in self.learners}
             paths["rollout"] = paths["policy"]
             self.state = load_loop_state(last.path, last.iteration)
         else:
@@ -76,9 +78,8 @@ class IRL:
         ensure_ray()
         self.system = System(self.cfg, paths, self.tokenizer, self.heldout[:4], roles=self.roles)
         if last is not None:
-            for role in LEARNERS:
-                if role in self.roles and (role != "reward" or self.learn_reward):
-                    self.system.handles[role].load(str(last.path / f"{role}_state"))
+            for role in self.learners:
+                self.system.handles[role].load(str(last.path / f"{role}_state"))
         self.system.sync.check()  # the engines start from the same weights as the learner: prove it
         self.c = Collaborators.of(self.system, self.golden)
 
@@ -87,11 +88,8 @@ class IRL:
                              prefs=self.prefs, guard=self.guard)
 
     def save(self, tmp: Path) -> dict[str, dict[int, dict[str, int]]]:
-        written = {}
-        for role in LEARNERS:
-            if role in self.roles and (role != "reward" or self.learn_reward):
-                written[role] = self.system.handles[role].save(str(tmp / f"{role}_state"), str(tmp / role),
-                                                               self.initial)
+        written = {role: self.system.handles[role].save(str(tmp / f"{role}_state"), str(tmp / role), self.initial)
+                   for role in self.learners}
         save_loop_state(tmp, self.state, self.state.iteration)
         return written
 
@@ -99,7 +97,6 @@ class IRL:
         final = evaluate_policy(self.cfg, self.heldout, self.c) if self.heldout else {}
         (self.report or write_report)(self.rd, self.cfg, final)
         self.echo(f"done: {self.rd.path} ({self.rd.path / 'report.md'})")
-
 
 
 def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
