@@ -34,6 +34,7 @@ def main(argv=None, *, method: str | None = None, default_config: str = "cpu", d
     from afd_ray.run import run
     from afd_ray.runtime.guard import NonFiniteError
     from afd_ray.runtime.loop import RunStopped
+    from afd_ray.workers.handles import WeightSyncError
 
     try:
         if args.resume is not None:
@@ -42,6 +43,7 @@ def main(argv=None, *, method: str | None = None, default_config: str = "cpu", d
                                   "section.key=value overrides)")
             if given:
                 raise ConfigError("--resume cannot change run.method")
+            _same_method(args.resume, method)
             run(None, resume=args.resume, overrides=overrides)
         else:
             if method is not None:
@@ -50,7 +52,17 @@ def main(argv=None, *, method: str | None = None, default_config: str = "cpu", d
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (RunStopped, NonFiniteError) as e:
+    except (RunStopped, NonFiniteError, WeightSyncError) as e:
         print(f"run stopped: {e}", file=sys.stderr)
         return 3
     return 0
+
+
+def _same_method(run_dir: str, method: str | None) -> None:
+    """A job for one method (jobs/sft.py, ...) resumes only runs of that method."""
+    from afd_ray.runtime.rundir import RunDir
+
+    saved = RunDir(run_dir).saved_config() if method else None
+    if saved is not None and saved.run.method != method:
+        raise ConfigError(f"{run_dir} is a run.method={saved.run.method} run; this job runs run.method={method}: "
+                          f"resume it with jobs/irl_ultrachat.py --resume {run_dir}")

@@ -108,7 +108,7 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
     with phase("diagnostics"):
         m["rollout/response_length"] = sum(map(len, samples.response_ids)) / len(samples.response_ids)
         if c.golden is not None:
-            m["golden/train_samples"] = _mean(c.golden(seqs.prompts, seqs.responses))
+            m["golden/train_samples"] = mean(c.golden(seqs.prompts, seqs.responses))
         if probe is not None:
             m.update(heldout_diagnostics(heldout, probe.response_ids, c))
         if prefs is not None and prefs.heldout:
@@ -193,8 +193,9 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
         reward = c.reward.score(seqs)
     with phase("reference"):
         ref_logp = c.reference.logprobs(seqs)
-    if not (guard.ok("score", t, finite(reward.tolist()), "rewards of the samples")
-            and guard.ok("reference", t, finite(x for row in ref_logp for x in row), "reference log-probs")):
+    scored = guard.ok("score", t, finite(reward.tolist()), "rewards of the samples")
+    referenced = guard.ok("reference", t, finite(x for row in ref_logp for x in row), "reference log-probs")
+    if not (scored and referenced):
         return m
     with phase("policy"):  # Eq. 21b
         steps = cfg.policy.epochs * cfg.policy.mini_batches
@@ -239,9 +240,9 @@ def synced(c: Collaborators, guard: NonFiniteGuard, t: int) -> dict[str, float]:
             guard.ok("sync", t, True)
             return out
         except WeightSyncError as e:
-            if e.role is None:
+            if e.role != "rollout":  # a finite disagreement, or the learner's own weights: no retry can help
                 raise
-            guard.ok("sync" if e.role == "rollout" else e.role, t, False, f"weight-sync log-probs ({e})")
+            guard.ok("sync", t, False, f"weight-sync log-probs ({e})")
 
 
 def _parts(n: int, parts: int) -> list[tuple[int, int]]:
@@ -258,8 +259,8 @@ def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: C
     out = {"heldout/reward_accuracy": float((r_demo > r_pol).float().mean()),
            "heldout/reward_gap": float((r_demo - r_pol).mean())}
     if c.golden is not None:
-        out["golden/heldout_policy"] = _mean(c.golden(prompts, responses))
-        out["golden/heldout_demos"] = _mean(c.golden(prompts, [d.response_ids for d in heldout]))
+        out["golden/heldout_policy"] = mean(c.golden(prompts, responses))
+        out["golden/heldout_demos"] = mean(c.golden(prompts, [d.response_ids for d in heldout]))
     return out
 
 
@@ -283,5 +284,5 @@ def preference_accuracy(rm, prefs: list[EncodedPreference]) -> dict[str, float]:
     return {"preference_accuracy": float((rw > rl).float().mean()), "reward_gap": float((rw - rl).mean())}
 
 
-def _mean(xs: list[float]) -> float:
+def mean(xs: list[float]) -> float:
     return sum(xs) / max(len(xs), 1)

@@ -43,10 +43,12 @@ def fires(site: str) -> str | None:
     at, action = spec
     if action.endswith("+"):
         return action[:-1] if _calls[site] >= at else None
-    marker = Path(os.environ.get(DIR_ENV, ".")) / f".fault-{site}"
-    if _calls[site] != at or marker.exists():
+    if _calls[site] != at:
         return None
-    marker.write_text(action)
+    try:  # created atomically: of the processes that reach the k-th call together (ranks), one fires
+        os.close(os.open(Path(os.environ.get(DIR_ENV, ".")) / f".fault-{site}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
     return action
 
 

@@ -101,3 +101,84 @@ def test_fault_sites_fire_once_per_run_or_from_the_kth_call(tmp_path, monkeypatc
     x = [faults.corrupt("c.d", torch.ones(2)) for _ in range(3)]
     assert [bool(torch.isnan(t).all()) for t in x] == [False, True, True]
     assert faults.fires("elsewhere") is None
+
+
+class FakeSystem:
+    """Stands in for the actors (the driver logic of ``drive`` is under test, not Ray)."""
+
+    def __init__(self, dead=()):
+        self.dead = list(dead)
+
+    def dead_roles(self):
+        return self.dead
+
+    def shutdown(self):
+        pass
+
+
+class FakeRecipe:
+    """A named fake recipe: ``faults[t]`` is a list of errors iteration t raises, one per attempt."""
+
+    def __init__(self, faults, dead=()):
+        self.faults, self.dead, self.system, self.starts, self.finished = faults, dead, None, [], False
+        self.guard = NonFiniteGuard(3)
+
+    def start(self, last):
+        self.starts.append(last.iteration if last else 0)
+        self.system = FakeSystem(self.dead)
+
+    def iteration(self, t):
+        if self.faults.get(t):
+            raise self.faults[t].pop(0)
+        return {"iteration": float(t), "value": 10.0 * t}
+
+    def save(self, tmp):
+        (tmp / "loop.pt").write_bytes(b"state")
+        return {}
+
+    def finish(self):
+        self.finished = True
+
+
+def drive_fake(tmp_path, recipe, *overrides):
+    from afd_ray.runtime.loop import drive
+
+    c = cfg(tmp_path, "run.iterations=5", *overrides)
+    rd = RunDir.open(c)
+    return rd, drive(rd, c, recipe, echo=lambda *_: None)
+
+
+def test_drive_restarts_from_the_last_checkpoint_and_keeps_each_iteration_once(tmp_path):
+    from ray.exceptions import ActorDiedError
+
+    recipe = FakeRecipe({3: [ActorDiedError()], 5: [ActorDiedError()]})
+    rd, complete = drive_fake(tmp_path, recipe, "run.checkpoint_every=2")
+    assert complete and recipe.finished
+    assert recipe.starts == [0, 2, 4]  # each restart resumes from the last committed checkpoint
+    ms = rd.metrics()
+    assert [m["iteration"] for m in ms] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [m["run/restarts"] for m in ms] == [0.0, 0.0, 1.0, 1.0, 2.0]
+    assert [(e["event"], e["after_iteration"]) for e in rd.events()] == [("restart", 2), ("restart", 4)]
+
+
+def test_drive_stops_resumably_when_restarts_are_used_up(tmp_path):
+    from ray.exceptions import ActorDiedError
+
+    from afd_ray.runtime.loop import RunStopped
+
+    recipe = FakeRecipe({2: [ActorDiedError() for _ in range(3)]})
+    with pytest.raises(RunStopped, match=r"2 restarts used up \(run.max_restarts=2\).*--resume"):
+        drive_fake(tmp_path, recipe, "run.max_restarts=2")
+    rd = RunDir(tmp_path / "r")
+    assert [e["event"] for e in rd.events()] == ["restart", "restart", "stopped"]
+    assert [m["iteration"] for m in rd.metrics()] == [1.0] and rd.latest().iteration == 1
+
+
+def test_drive_restarts_on_an_error_only_when_an_actor_is_dead(tmp_path):
+    recipe = FakeRecipe({2: [ValueError("a bug")]})  # every actor alive: a bug, raised as it is
+    with pytest.raises(ValueError, match="a bug"):
+        drive_fake(tmp_path, recipe)
+    assert RunDir(tmp_path / "r").events() == []
+    recipe = FakeRecipe({2: [RuntimeError("gloo: connection reset by peer")]}, dead=["policy"])
+    rd, complete = drive_fake(tmp_path / "b", recipe)  # the error of a rank whose peer died: a fault
+    assert complete and [e["dead_roles"] for e in rd.events()] == [["policy"]]

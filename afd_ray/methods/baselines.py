@@ -21,7 +21,7 @@ import torch
 from afd_ray.config import Config
 from afd_ray.data.build import build_data, build_preferences
 from afd_ray.data.tokenize import Encoded
-from afd_ray.driver import preference_accuracy, preference_pairs, sampling, synced
+from afd_ray.driver import mean, preference_accuracy, preference_pairs, sampling, synced
 from afd_ray.eval.golden import load_golden
 from afd_ray.replay import DataCursor
 from afd_ray.runtime.guard import NonFiniteGuard
@@ -79,10 +79,12 @@ class Baseline:
 
     def start(self, last: Checkpoint | None) -> None:
         self.cursor = DataCursor(len(self.train), seed=self.cfg.run.seed)
-        model = self.initial_model()
+        model, skips = self.initial_model(), {}
         if last is not None:
             loop = torch.load(last.path / "loop.pt", weights_only=True)  # our own file, still never code
             self.cursor, model = DataCursor(**loop["cursor"]), str(last.path / self.learner)
+            skips = loop.get("nonfinite", {})
+        self.guard = NonFiniteGuard(self.cfg.run.max_nonfinite, skips)  # counts as of the checkpoint
         ensure_ray()
         self.system = System(self.cfg, self.paths(model), self.tokenizer, self.probe(), roles=self.roles)
         if last is not None:
@@ -107,7 +109,7 @@ class Baseline:
     def save(self, tmp: Path) -> dict[str, dict[int, dict[str, int]]]:
         written = self.system.handles[self.learner].save(str(tmp / f"{self.learner}_state"), str(tmp / self.learner),
                                                          self.start_path)
-        torch.save({"cursor": asdict(self.cursor)}, tmp / "loop.pt")
+        torch.save({"cursor": asdict(self.cursor), "nonfinite": self.guard.total}, tmp / "loop.pt")
         return {self.learner: written}
 
     def finish(self) -> None:
@@ -224,7 +226,7 @@ class SPIN(Baseline):
             held = _demo_vs_self(self.heldout, probe.response_ids, 1)
             held_before = seq_logp(policy.logprobs(held))
             if self.golden is not None:
-                m["golden/heldout_policy"] = _mean(self.golden([d.prompt_ids for d in self.heldout], probe.response_ids))
+                m["golden/heldout_policy"] = mean(self.golden([d.prompt_ids for d in self.heldout], probe.response_ids))
         rollout.sleep()
         prev = seq_logp(policy.logprobs(seqs))  # pi_t: the reference of this iteration
         batch = PolicyBatch("dpo", seqs, ref_seq_logp=prev, beta=cfg.policy.dpo_beta)
@@ -258,10 +260,6 @@ def _demo_vs_self(demos: list[Encoded], responses: list[list[int]], n: int) -> S
 
 
 # ---- output ----------------------------------------------------------------------------------------------
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / max(len(xs), 1)
-
 
 def _line(m: dict) -> str:
     return "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in m.items() if not k.startswith("time/"))

@@ -25,15 +25,18 @@ from afd_ray.runtime.system import ROLES, System, ensure_ray
 LEARNERS = ("policy", "reward", "critic")
 
 
-def save_loop_state(tmp: Path, state: LoopState, t: int) -> None:
+def save_loop_state(tmp: Path, state: LoopState, t: int, guard: NonFiniteGuard) -> None:
     torch.save({"cursor": asdict(state.cursor), "replay": state.replay.pairs, "iteration": t,
-                "pref_cursor": asdict(state.pref_cursor) if state.pref_cursor else None}, tmp / "loop.pt")
+                "pref_cursor": asdict(state.pref_cursor) if state.pref_cursor else None,
+                "nonfinite": guard.total}, tmp / "loop.pt")
 
 
-def load_loop_state(path: Path, t: int) -> LoopState:
+def load_loop_state(path: Path, t: int) -> tuple[LoopState, dict[str, int]]:
+    """The loop state of a checkpoint and its non-finite skip counts."""
     loop = torch.load(path / "loop.pt", weights_only=True)  # our own file, still never code
-    return LoopState(cursor=DataCursor(**loop["cursor"]), replay=PairReplay([tuple(p) for p in loop["replay"]]),
-                     iteration=t, pref_cursor=DataCursor(**loop["pref_cursor"]) if loop.get("pref_cursor") else None)
+    return (LoopState(cursor=DataCursor(**loop["cursor"]), replay=PairReplay([tuple(p) for p in loop["replay"]]),
+                      iteration=t, pref_cursor=DataCursor(**loop["pref_cursor"]) if loop.get("pref_cursor") else None),
+            loop.get("nonfinite", {}))
 
 
 class IRL:
@@ -70,11 +73,13 @@ class IRL:
         if last is not None:  # the models of the last checkpoint; the reference stays pi_ref
             paths |= {r: str(last.path / r) for r in self.learners}
             paths["rollout"] = paths["policy"]
-            self.state = load_loop_state(last.path, last.iteration)
+            self.state, skips = load_loop_state(last.path, last.iteration)
         else:
             self.state = LoopState(cursor=DataCursor(len(self.train), seed=self.cfg.run.seed),
                                    pref_cursor=DataCursor(len(self.prefs.train), seed=self.cfg.run.seed + 1)
                                    if self.prefs else None)
+            skips = {}
+        self.guard = NonFiniteGuard(self.cfg.run.max_nonfinite, skips)  # counts as of the checkpoint
         ensure_ray()
         self.system = System(self.cfg, paths, self.tokenizer, self.heldout[:4], roles=self.roles)
         if last is not None:
@@ -90,7 +95,7 @@ class IRL:
     def save(self, tmp: Path) -> dict[str, dict[int, dict[str, int]]]:
         written = {role: self.system.handles[role].save(str(tmp / f"{role}_state"), str(tmp / role), self.initial)
                    for role in self.learners}
-        save_loop_state(tmp, self.state, self.state.iteration)
+        save_loop_state(tmp, self.state, self.state.iteration, self.guard)
         return written
 
     def finish(self) -> None:

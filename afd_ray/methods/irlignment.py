@@ -32,6 +32,7 @@ from afd_ray.config import Config
 from afd_ray.data.build import build_data
 from afd_ray.data.tokenize import Encoded
 from afd_ray.runtime.files import atomic_write
+from afd_ray.runtime.guard import NonFiniteError, finite
 from afd_ray.runtime.loop import drive, summary_line
 from afd_ray.runtime.rundir import RunDir
 from afd_ray.runtime.system import System, ensure_ray, sample_once
@@ -159,7 +160,7 @@ def train_discriminator(reward, pairs: PairBatch, cfg: Config) -> dict[str, floa
     """BCE discriminator (seeds/000 Eq. 11) over ``pairs`` for ``bon.rm_epochs`` passes in batches of
     ``reward.batch_size``; returns the last step's stats plus the mean training accuracy of the last pass."""
     g = torch.Generator().manual_seed(cfg.run.seed)
-    stats, accs = {}, []
+    stats, accs, skipped = {}, [], 0.0
     for _ in range(cfg.bon.rm_epochs):
         order = torch.randperm(len(pairs), generator=g).tolist()
         accs = []
@@ -171,7 +172,20 @@ def train_discriminator(reward, pairs: PairBatch, cfg: Config) -> dict[str, floa
                                             [pairs.rejected.responses[i] for i in idx]))
             stats = reward.update(chunk, "discriminator", 0.0)
             accs.append(stats["accuracy"])
-    return {**stats, "train_accuracy_last_epoch": sum(accs) / max(len(accs), 1)}
+            skipped += stats.get("nonfinite", 0.0)  # steps DeepSpeed skipped for NaN/inf gradients
+    return {**stats, "nonfinite_skips": skipped, "train_accuracy_last_epoch": sum(accs) / max(len(accs), 1)}
+
+
+def checked(score: Callable[[SequenceBatch], torch.Tensor]) -> Callable[[SequenceBatch], torch.Tensor]:
+    """``score`` that stops with an error on a non-finite reward (a NaN would silently lose every
+    comparison of the Best-of-N selection)."""
+    def score_checked(seqs: SequenceBatch) -> torch.Tensor:
+        r = score(seqs)
+        if not finite(r.tolist()):
+            raise NonFiniteError("reward: the discriminator's scores are not finite; Best-of-N stops here. Look at "
+                                 "reward.lr and the discriminator's training metrics in bon.json.")
+        return r
+    return score_checked
 
 
 # ---- the recipe ------------------------------------------------------------------------------------------
@@ -199,8 +213,10 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
     golden = load_golden(cfg.run.golden_reward, tokenizer)
     ensure_ray()
     done = rd.path / "bon.json"
-    if done.is_file() and (rd.path / "reward_model" / "config.json").is_file():
-        result = json.loads(done.read_text())
+    kept = json.loads(done.read_text()) if done.is_file() and (rd.path / "reward_model" / "config.json").is_file() \
+        else None
+    if kept is not None and _stage_config(kept["config"]) == _stage_config(cfg.to_dict()):
+        result = kept
         echo(f"discriminator and Best-of-N already done in {rd.path}")
     else:
         result = discriminator_and_best_of_n(cfg, rd, init, tokenizer, train, heldout, golden, echo)
@@ -212,6 +228,13 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
     write_report(rd, cfg, result)
     echo(f"done: {rd.path} ({rd.path / 'report.md'})")
     return rd
+
+
+def _stage_config(d: dict) -> dict:
+    """What the discriminator and Best-of-N depend on: everything but the run's bookkeeping (a resume that
+    changes only run.* or the RL stage's iterations keeps them)."""
+    return {k: v for k, v in d.items() if k != "run"} | {"bon": {k: v for k, v in d["bon"].items()
+                                                                  if k != "rl_iterations"}}
 
 
 def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, train, heldout, golden, echo) -> dict:
@@ -244,8 +267,9 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
         rm = system.handles["reward"]
         echo(f"discriminator ({cfg.bon.data_choice}: {positive} vs {negative}) on {len(train_pairs)} pairs")
         stats = train_discriminator(rm, train_pairs, cfg)
-        r_pos = rm.score(eval_pairs.chosen)
-        r_neg = rm.score(eval_pairs.rejected)
+        score = checked(rm.score)
+        r_pos = score(eval_pairs.chosen)
+        r_neg = score(eval_pairs.rejected)
         disc = {"discriminator/" + k: v for k, v in stats.items()} | {
             "discriminator/heldout_accuracy": float(((r_pos > 0).float().mean() + (r_neg < 0).float().mean()) / 2),
             "discriminator/heldout_pairwise_accuracy": float((r_pos > r_neg).float().mean())}
@@ -255,7 +279,7 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
         spec = bon_sampling(cfg)
         writer = SelectionWriter(rd.path / "bon", tokenizer, cfg.bon.n)
         echo(f"Best-of-N for N in {cfg.bon.n} on {len(eval_demos)} held-out prompts")
-        rows = best_of_n(system.handles["rollout"].generate, rm.score, [d.prompt_ids for d in eval_demos],
+        rows = best_of_n(system.handles["rollout"].generate, score, [d.prompt_ids for d in eval_demos],
                          cfg.bon.n, spec, cfg.bon.prompt_batch, cfg.bon.sample_chunk, golden=golden, sink=writer)
         writer.close()
     finally:

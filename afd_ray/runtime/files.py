@@ -37,9 +37,14 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def append_line(path: Path, record: dict) -> None:
-    """Append one JSON line and fsync it."""
+    """Append one JSON line and fsync it (after a line a crash cut short, on a line of its own)."""
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -49,7 +54,8 @@ def read_lines(path: Path) -> list[dict]:
     anywhere else is an error naming the file and line."""
     if not path.is_file():
         return []
-    lines = path.read_text().split("\n")
+    text = path.read_text()
+    lines = text.split("\n")
     out = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -57,7 +63,7 @@ def read_lines(path: Path) -> list[dict]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if i >= len(lines) - 2 and not path.read_text().endswith("\n"):
+            if i == len(lines) - 1:  # after the last newline: a line the writer did not finish
                 log.warning("%s: dropping a half-written last line (%d bytes): the run stopped while writing it",
                             path, len(line))
                 break

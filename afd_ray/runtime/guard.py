@@ -21,10 +21,10 @@ class NonFiniteGuard:
     skip (and raises ``NonFiniteError`` at ``limit`` in a row); ``clean`` is whether no role is in a streak,
     which is when a checkpoint may be written."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, total: dict[str, int] | None = None):
         self.limit = limit
         self.streak: dict[str, int] = {}
-        self.total: dict[str, int] = {}
+        self.total: dict[str, int] = dict(total or {})  # restored from a checkpoint: counts of the whole run
 
     def ok(self, role: str, t: int, is_finite: bool, what: str = "") -> bool:
         if is_finite:

@@ -81,8 +81,10 @@ def drive(rd: RunDir, cfg: Config, recipe: Recipe, echo=print, line=None) -> boo
             for t in range(done + 1, end + 1):
                 m = recipe.iteration(t)
                 m["run/restarts"] = float(restarts)
+                # no checkpoint over the last good one while a role is in a non-finite streak; but the last
+                # iteration is committed anyway (a skipped step changes no weights) so the run can finish
                 due = t % cfg.run.checkpoint_every == 0 or t == end
-                if due and recipe.guard.clean:
+                if due and (recipe.guard.clean or t == end):
                     t0 = time.perf_counter()
                     tmp = rd.begin(t)
                     written = recipe.save(tmp)
@@ -103,8 +105,9 @@ def drive(rd: RunDir, cfg: Config, recipe: Recipe, echo=print, line=None) -> boo
                 raise
             restarts += 1
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            rd.event("restart", restart=restarts, after_iteration=(rd.latest().iteration if rd.latest() else 0),
-                     dead_roles=dead, reason=reason[:500])
+            last = rd.latest()
+            rd.event("restart" if restarts <= cfg.run.max_restarts else "stopped", restart=restarts,
+                     after_iteration=last.iteration if last else 0, dead_roles=dead, reason=reason[:500])
             if restarts > cfg.run.max_restarts:
                 raise RunStopped(f"{reason}; {restarts - 1} restarts used up (run.max_restarts="
                                  f"{cfg.run.max_restarts}). The run stops with its last checkpoint; continue it with "

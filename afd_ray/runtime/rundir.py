@@ -140,9 +140,10 @@ class RunDir:
                     sizes[rel] = size
         if problems:
             raise CheckpointError(f"checkpoint of iteration {t} in {tmp} is incomplete: " + "; ".join(problems))
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file():
-                sizes.setdefault(str(p.relative_to(tmp)), p.stat().st_size)
+        for p in sorted(tmp.rglob("*")):  # the files the driver wrote itself (ranks fsync their own)
+            rel = str(p.relative_to(tmp))
+            if p.is_file() and rel not in sizes:
+                sizes[rel] = p.stat().st_size
                 fsync_file(p)
         for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, key=lambda p: -len(p.parts)):
             fsync_dir(d)

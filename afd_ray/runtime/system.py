@@ -36,7 +36,7 @@ class System:
         from afd_ray.workers.rollout import RolloutWorker
 
         p = plan(cfg, roles)
-        self.groups = reserve(p)
+        self.groups: dict = {}
         self.actor_groups: list = []
         self.handles: dict = {}
         self.sync = None
@@ -50,6 +50,7 @@ class System:
         timeout = cfg.run.call_timeout_s
         self.rollout = self.policy = self.reward = self.reference = self.critic = None
         try:
+            self.groups = reserve(p)
             if "rollout" in roles:
                 self.rollout = ActorGroup(
                     RolloutWorker, p, "rollout", self.groups, paths["rollout"], dtype=cfg.model.dtype,
@@ -89,7 +90,7 @@ class System:
             self.actor_groups = [g for g in (self.rollout, self.policy, self.reward, self.reference, self.critic)
                                  if g is not None]
             for g in self.actor_groups:
-                g.ready(max(START_TIMEOUT_S, timeout))
+                g.ready(max(START_TIMEOUT_S, timeout) if timeout else None)
             if self.policy is not None and self.rollout is not None:
                 probe_batch = SequenceBatch([e.prompt_ids for e in probe], [e.response_ids for e in probe])
                 self.sync = handles.WeightSync(self.policy, self.rollout, probe_batch, cfg.run.sync_check_tol,

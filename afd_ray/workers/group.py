@@ -68,7 +68,8 @@ def rendezvous_point(pg, index: int) -> tuple[str, int]:
 
     node_id = ray.util.placement_group_table(pg)["bundles_to_node_id"][index]
     probe = ray.remote(num_cpus=0)(_ip_and_free_port)
-    return ray.get(probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote())
+    ref = probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+    return wait_all([ref], 300.0, "the rendezvous probe on rank 0's node")[0]
 
 
 class ActorGroup:
@@ -113,12 +114,17 @@ class ActorGroup:
         wait_all([a.__ray_ready__.remote() for a in self.actors], timeout_s, f"starting the {self.role} actors")
 
     def dead(self) -> bool:
-        """Whether any actor of the group has died (each answers a no-op within 10 s, or is counted dead)."""
-        try:
-            wait_all([a.__ray_ready__.remote() for a in self.actors], 10.0, f"{self.role} liveness")
-            return False
-        except (ray.exceptions.RayActorError, CallTimeout):
-            return True
+        """Whether Ray reports an actor of the group dead: a no-op call on it fails within 10 s. An actor
+        that is alive but busy (a rank blocked in a collective with a failed peer) just does not answer,
+        and is not counted: its error is a bug to report, not a fault to restart from."""
+        refs = [a.__ray_ready__.remote() for a in self.actors]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=10.0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                return True
+        return False
 
     def kill(self) -> None:
         for a in self.actors:

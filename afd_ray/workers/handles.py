@@ -34,17 +34,22 @@ class RolloutPool:
 
     def __init__(self, group: ActorGroup, sleep_between: bool = False):
         self.group, self.sleep_between = group, sleep_between
+        self.asleep = False
 
     def sleep(self) -> None:
-        if self.sleep_between:
+        if self.sleep_between and not self.asleep:
             self.group.call("sleep")
+            self.asleep = True
 
     def wake_up(self) -> None:
-        if self.sleep_between:
+        if self.asleep:
             self.group.call("wake_up")
+            self.asleep = False
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Samples:
-        """Split prompts over the engines (contiguous chunks, so the order is kept) and merge."""
+        """Split prompts over the engines (contiguous chunks, so the order is kept) and merge. Engines
+        put to sleep are woken first (an iteration that skipped its sync left them asleep)."""
+        self.wake_up()
         k = len(self.group.actors)
         chunks = [prompt_ids[i * len(prompt_ids) // k:(i + 1) * len(prompt_ids) // k] for i in range(k)]
         refs = [a.generate.remote(c, SamplingSpec(**{**asdict(spec), "seed": None if spec.seed is None
