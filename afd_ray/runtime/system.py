@@ -95,6 +95,8 @@ class System:
                 probe_batch = SequenceBatch([e.prompt_ids for e in probe], [e.response_ids for e in probe])
                 self.sync = handles.WeightSync(self.policy, self.rollout, probe_batch, cfg.run.sync_check_tol,
                                                backend="gloo" if cpu else "nccl", pool=self.handles["rollout"])
+                pool = self.handles["rollout"]  # its engines serve this learner: stale after its updates
+                pool.learner, pool.push = self.handles["policy"], self.sync.sync
         except BaseException:
             self.actor_groups = [g for g in (self.rollout, self.policy, self.reward, self.reference, self.critic)
                                  if g is not None]

@@ -109,6 +109,11 @@ class ActorGroup:
         """``run`` and wait for every rank, within the group's deadline."""
         return wait_all(self.run(method, *args, **kwargs), self.timeout_s, f"{self.role}.{method}")
 
+    def call_each(self, method: str, args: list[tuple | None]) -> list[Any]:
+        """Call ``method`` on actor i with ``args[i]`` (None: not at all) and wait, within the deadline."""
+        refs = [getattr(a, method).remote(*x) for a, x in zip(self.actors, args) if x is not None]
+        return wait_all(refs, self.timeout_s, f"{self.role}.{method}")
+
     def ready(self, timeout_s: float | None) -> None:
         """Wait until every actor is constructed (model loaded, engine started)."""
         wait_all([a.__ray_ready__.remote() for a in self.actors], timeout_s, f"starting the {self.role} actors")

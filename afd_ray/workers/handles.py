@@ -29,12 +29,28 @@ class WeightSyncError(RuntimeError):
 
 
 class RolloutPool:
-    """The engines behind one ``generate``. Colocated (``sleep_between=True``) they sleep after sampling,
-    so the learners have the GPU memory, and wake for the weight sync."""
+    """The engines behind one ``generate``, and their residency: awake or asleep (colocated,
+    ``sleep_between=True``, they sleep after sampling so the learners have the GPU memory), weights current
+    or stale (``version``, the learner step their weights came from, behind ``learner.step``). Whatever
+    samples goes through ``generate``, which wakes the engines and, if their weights are stale, pushes the
+    learner's first (``push``: the weight sync and its check), so no engine samples asleep or stale."""
 
     def __init__(self, group: ActorGroup, sleep_between: bool = False):
         self.group, self.sleep_between = group, sleep_between
         self.asleep = False
+        self.version = 0  # learner steps behind the engines' weights (engines start from the learner's model)
+        self.learner = None  # the PolicyGroup they serve, and the sync that brings them up to it: set together
+        self.push = None
+
+    @property
+    def stale(self) -> bool:
+        return self.learner is not None and self.learner.step != self.version
+
+    def ready(self) -> None:
+        """Awake, with the learner's current weights."""
+        self.wake_up()
+        if self.stale and self.push is not None:
+            self.push()
 
     def sleep(self) -> None:
         if self.sleep_between and not self.asleep:
@@ -47,15 +63,14 @@ class RolloutPool:
             self.asleep = False
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Samples:
-        """Split prompts over the engines (contiguous chunks, so the order is kept) and merge. Engines
-        put to sleep are woken first (an iteration that skipped its sync left them asleep)."""
-        self.wake_up()
-        k = len(self.group.actors)
+        """Split prompts over the engines (contiguous chunks, so the order is kept) and merge; ``ready``
+        first (an iteration that skipped its sync, e.g. a reward warm-up, left them asleep or stale)."""
+        self.ready()
+        k = self.group.world_size
         chunks = [prompt_ids[i * len(prompt_ids) // k:(i + 1) * len(prompt_ids) // k] for i in range(k)]
-        refs = [a.generate.remote(c, SamplingSpec(**{**asdict(spec), "seed": None if spec.seed is None
-                                                     else spec.seed + 7919 * i}))
-                for i, (a, c) in enumerate(zip(self.group.actors, chunks)) if c]
-        parts = wait_all(refs, self.group.timeout_s, "rollout.generate")
+        parts = self.group.call_each("generate", [
+            (c, SamplingSpec(**{**asdict(spec), "seed": None if spec.seed is None else spec.seed + 7919 * i}))
+            if c else None for i, c in enumerate(chunks)])
         return Samples(prompt_ids=[p for s in parts for p in s.prompt_ids],
                        response_ids=[r for s in parts for r in s.response_ids],
                        logprobs=[lp for s in parts for lp in s.logprobs], n=spec.n)
@@ -77,7 +92,12 @@ class _LearnerGroup:
 
 
 class PolicyGroup(_LearnerGroup):
+    def __init__(self, group: ActorGroup):
+        super().__init__(group)
+        self.step = 0  # updates sent since the actors started (the engines' weights are versioned by it)
+
     def update(self, batch: PolicyBatch) -> dict[str, float]:
+        self.step += 1
         return self.group.call("update", ray.put(batch))[0]
 
     def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
@@ -128,13 +148,18 @@ class WeightSync:
                                 "policy.weight_buckets")[0]
 
     def sync(self) -> dict[str, float]:
+        """Push the learner's weights to every engine and check them; the pool's engines are then current."""
         if self.pool is not None:
             self.pool.wake_up()
+            step = self.pool.learner.step if self.pool.learner is not None else 0
         t0 = time.perf_counter()
         wait_all(self.policy.run("broadcast_weights", self.buckets) + self.rollout.run("receive_weights", self.buckets),
                  self.policy.timeout_s, "weight sync")
         seconds = time.perf_counter() - t0
-        return {"sync_seconds": seconds, "sync_logprob_diff": self.check()}
+        diff = self.check()
+        if self.pool is not None:
+            self.pool.version = step
+        return {"sync_seconds": seconds, "sync_logprob_diff": diff}
 
     def check(self) -> float:
         """Mean |log pi_vllm - log pi_learner| over the probe responses, worst engine; raises above tol,

@@ -1,0 +1,93 @@
+"""Engine residency (afd_ray.workers.handles.RolloutPool) with the driver: colocated engines sleep after
+sampling, and whatever samples next (a reward warm-up iteration, the final evaluation, a step whose sync was
+skipped, a resumed run) finds them awake and current. The pool is the real one; the engines, the learner and
+the sync under it are named fakes that refuse to sample asleep or stale."""
+
+import torch
+from test_driver import FakeReference, FakeReward, FakeRollout, demos
+
+from afd_ray.config import load_config
+from afd_ray.driver import Collaborators, LoopState, evaluate_policy, irl_iteration
+from afd_ray.replay import DataCursor
+from afd_ray.types import SamplingSpec
+from afd_ray.workers.handles import RolloutPool
+
+
+class FakeLearner:
+    """A policy handle: counts its updates (``step``) like PolicyGroup."""
+
+    def __init__(self):
+        self.step = 0
+
+    def update(self, batch):
+        self.step += 1
+        return {"loss": 0.1, "grad_norm": 1.0}
+
+    def logprobs(self, seqs):
+        return [[-1.0] * len(r) for r in seqs.responses]
+
+
+class FakeEngines:
+    """Stands in for the rollout ActorGroup: two engines that refuse to sample asleep or with weights older
+    than the learner's step; ``log`` records every call."""
+
+    world_size, timeout_s = 2, None
+
+    def __init__(self, learner):
+        self.learner, self.asleep, self.version, self.log = learner, False, 0, []
+
+    def call(self, method):
+        self.log.append(method)
+        self.asleep = method == "sleep"
+
+    def call_each(self, method, args):
+        assert method == "generate"
+        assert not self.asleep, "asked to sample while asleep"
+        assert self.version == self.learner.step, "asked to sample with stale weights"
+        self.log.append("generate")
+        return [FakeRollout().generate(*a) for a in args if a is not None]
+
+
+def colocated():
+    learner = FakeLearner()
+    engines = FakeEngines(learner)
+    pool = RolloutPool(engines, sleep_between=True)
+
+    def push():  # the weight sync's fake: the engines get the learner's weights; the pool records it
+        engines.log.append("sync")
+        engines.version = pool.version = learner.step
+        return {"sync_seconds": 0.0}
+
+    pool.learner, pool.push = learner, push
+    c = Collaborators(rollout=pool, policy=learner, reward=FakeReward(), reference=FakeReference(), sync=push)
+    return c, engines
+
+
+def test_warm_up_iterations_and_the_final_evaluation_sample_awake_and_current():
+    cfg = load_config("toy", ["model.policy=x", "rollout.prompts_per_iteration=3", "rollout.n=2",
+                              "reward.warmup_iterations=2", "run.iterations=4", "data.heldout=2"])
+    c, engines = colocated()
+    d = demos()
+    state = LoopState(cursor=DataCursor(len(d), seed=0))
+    for t in range(1, 5):
+        irl_iteration(t, cfg, d, d[:2], c, state)
+    evaluate_policy(cfg, d[:2], c)
+    # warm-up iterations 1-2 never sync: the next generate wakes the engines itself
+    assert engines.log[:7] == ["generate", "generate", "sleep", "wake_up", "generate", "generate", "sleep"]
+    # iterations 3 and 4 step (4 mini-batches each) and sync once each
+    assert engines.log.count("sync") == 2 and c.policy.step == 8
+    assert engines.log[-2:] == ["wake_up", "generate"]  # the final evaluation, after the last sleep
+
+
+def test_an_update_without_its_sync_is_pushed_before_the_next_sample():
+    c, engines = colocated()
+    c.policy.update(None)  # a step whose sync did not happen (its iteration stopped after the update)
+    c.rollout.generate([[1, 2]], SamplingSpec(n=2))
+    assert engines.log == ["sync", "generate"] and c.rollout.version == 1
+
+
+def test_a_resumed_run_starts_current_and_samples_without_a_sync():
+    c, engines = colocated()  # new actors from a checkpoint: learner and engines load the same model
+    out = c.rollout.generate([[1, 2], [3, 4]], SamplingSpec(n=1))
+    assert engines.log == ["generate"] and out.response_ids == [[1, 0], [3, 0]]
+    assert torch.equal(torch.tensor(out.prompt_ids), torch.tensor([[1, 2], [3, 4]]))
