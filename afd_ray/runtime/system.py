@@ -37,7 +37,6 @@ class System:
 
         p = plan(cfg, roles)
         self.groups: dict = {}
-        self.actor_groups: list = []
         self.handles: dict = {}
         self.sync = None
         cpu = cfg.run.device == "cpu"
@@ -49,6 +48,11 @@ class System:
                       seed=cfg.run.seed, device=cfg.run.device, pad_token_id=pad)
         timeout = cfg.run.call_timeout_s
         self.rollout = self.policy = self.reward = self.reference = self.critic = None
+
+        def learner(cls, role: str, **spec) -> ActorGroup:
+            return ActorGroup(cls, p, role, self.groups, LearnerSpec(paths[role], **spec, **common), ranked=True,
+                              env=learner_env, timeout_s=timeout)
+
         try:
             self.groups = reserve(p)
             if "rollout" in roles:
@@ -61,18 +65,14 @@ class System:
                     kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate, timeout_s=timeout)
                 self.handles["rollout"] = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate)
             if "policy" in roles:
-                self.policy = ActorGroup(PolicyLearner, p, "policy", self.groups, LearnerSpec(
-                    paths["policy"], lr=cfg.policy.lr, warmup_steps=cfg.policy.warmup_steps,
-                    weight_decay=cfg.policy.weight_decay,
-                    grad_clip=cfg.policy.grad_clip, zero_stage=cfg.policy.zero_stage,
-                    micro_batch_size=cfg.policy.micro_batch_size, **common), ranked=True, env=learner_env,
-                    timeout_s=timeout)
+                self.policy = learner(PolicyLearner, "policy", lr=cfg.policy.lr, warmup_steps=cfg.policy.warmup_steps,
+                                      weight_decay=cfg.policy.weight_decay, grad_clip=cfg.policy.grad_clip,
+                                      zero_stage=cfg.policy.zero_stage, micro_batch_size=cfg.policy.micro_batch_size)
                 self.handles["policy"] = handles.PolicyGroup(self.policy)
             if "reward" in roles:
-                self.reward = ActorGroup(RewardLearner, p, "reward", self.groups, LearnerSpec(
-                    paths["reward"], lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip,
-                    zero_stage=cfg.reward.zero_stage, micro_batch_size=cfg.reward.micro_batch_size,
-                    freeze_layers=cfg.reward.freeze_layers, **common), ranked=True, env=learner_env, timeout_s=timeout)
+                self.reward = learner(RewardLearner, "reward", lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip,
+                                      zero_stage=cfg.reward.zero_stage, micro_batch_size=cfg.reward.micro_batch_size,
+                                      freeze_layers=cfg.reward.freeze_layers)
                 self.handles["reward"] = handles.RewardGroup(self.reward)
             if "reference" in roles:
                 self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, paths["reference"],
@@ -82,13 +82,10 @@ class System:
             if "critic" in roles:
                 from afd_ray.workers.critic import CriticLearner
 
-                self.critic = ActorGroup(CriticLearner, p, "critic", self.groups, LearnerSpec(
-                    paths["critic"], lr=cfg.critic.lr, grad_clip=cfg.policy.grad_clip,
-                    zero_stage=cfg.critic.zero_stage, micro_batch_size=cfg.critic.micro_batch_size,
-                    freeze_layers=cfg.reward.freeze_layers, **common), ranked=True, env=learner_env, timeout_s=timeout)
+                self.critic = learner(CriticLearner, "critic", lr=cfg.critic.lr, grad_clip=cfg.policy.grad_clip,
+                                      zero_stage=cfg.critic.zero_stage, micro_batch_size=cfg.critic.micro_batch_size,
+                                      freeze_layers=cfg.reward.freeze_layers)
                 self.handles["critic"] = handles.CriticGroup(self.critic)
-            self.actor_groups = [g for g in (self.rollout, self.policy, self.reward, self.reference, self.critic)
-                                 if g is not None]
             for g in self.actor_groups:
                 g.ready(max(START_TIMEOUT_S, timeout) if timeout else None)
             if self.policy is not None and self.rollout is not None:
@@ -98,10 +95,12 @@ class System:
                 pool = self.handles["rollout"]  # its engines serve this learner: stale after its updates
                 pool.learner, pool.push = self.handles["policy"], self.sync.sync
         except BaseException:
-            self.actor_groups = [g for g in (self.rollout, self.policy, self.reward, self.reference, self.critic)
-                                 if g is not None]
             self.shutdown()
             raise
+
+    @property
+    def actor_groups(self) -> list:
+        return [g for g in (self.rollout, self.policy, self.reward, self.reference, self.critic) if g is not None]
 
     def dead_roles(self) -> list[str]:
         """The roles with a dead actor (after a failed call: was it the actor or the call?)."""
@@ -114,7 +113,8 @@ class System:
             g.kill()
         for pg in self.groups.values():
             ray.util.remove_placement_group(pg)
-        self.actor_groups, self.groups = [], {}
+        self.rollout = self.policy = self.reward = self.reference = self.critic = None
+        self.groups = {}
 
 
 def sample_once(cfg: Config, model_path: str, prompts: list[list[int]], tokenizer, seed: int,
