@@ -40,8 +40,9 @@ class ModelConfig:
     sft: str = ""
     """pi_SFT (an HF path). inverse_rlignment: empty = train it first from model.policy with the `sft`
     section (a Ray Train job). spin, dpo, ipo, bt_rm start from it when given, else from model.policy."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype of learners and rollout engines."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Parameter dtype of learners and rollout engines; auto = float32 with run.device=cpu, bfloat16 with
+    run.device=gpu (resolved when the config is loaded, so every role sees a concrete dtype)."""
     lora_r: int = 0
     """LoRA rank for the policy and reward learners; 0 trains all weights."""
     lora_alpha: int = 16
@@ -105,6 +106,10 @@ class RolloutConfig:
     derived size counts the whole actor process's memory against the share."""
     enforce_eager: bool = True
     """Skip graph capture (faster start, needed on CPU)."""
+    sleep_level: Literal[1, 2] = 1
+    """Colocated engines sleep while the learners train: 1 frees the KV cache and moves the weights to host
+    memory; 2 drops the weights too (no host copy; the policy learner re-sends them before the next
+    sample). Recipes without a policy learner (Best-of-N) always use 1."""
 
 
 @dataclass
@@ -150,6 +155,13 @@ class PolicyConfig:
     """DeepSpeed ranks of the policy learner group."""
     zero_stage: Literal[2, 3] = 2
     """DeepSpeed ZeRO stage."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of storing them: much
+    less activation memory (long sequences, large models) for about one extra forward pass per step."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """ZeRO offload to CPU memory, for GPU runs whose policy does not fit otherwise: optimizer = Adam moments
+    and fp32 master weights live and step on the CPU; all = the parameters too (needs policy.zero_stage=3).
+    Slower steps (PCIe traffic, CPU Adam)."""
 
 
 @dataclass
@@ -183,6 +195,13 @@ class RewardConfig:
     """DeepSpeed ranks of the reward learner group."""
     zero_stage: Literal[2, 3] = 2
     """DeepSpeed ZeRO stage."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of storing them: much
+    less activation memory (long sequences, large models) for about one extra forward pass per step."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """ZeRO offload to CPU memory, for GPU runs whose reward does not fit otherwise: optimizer = Adam moments
+    and fp32 master weights live and step on the CPU; all = the parameters too (needs reward.zero_stage=3).
+    Slower steps (PCIe traffic, CPU Adam)."""
 
 
 @dataclass
@@ -260,6 +279,13 @@ class CriticConfig:
     """DeepSpeed ranks of the critic group."""
     zero_stage: Literal[2, 3] = 2
     """DeepSpeed ZeRO stage."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of storing them: much
+    less activation memory (long sequences, large models) for about one extra forward pass per step."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """ZeRO offload to CPU memory, for GPU runs whose critic does not fit otherwise: optimizer = Adam moments
+    and fp32 master weights live and step on the CPU; all = the parameters too (needs critic.zero_stage=3).
+    Slower steps (PCIe traffic, CPU Adam)."""
 
 
 @dataclass
@@ -279,6 +305,11 @@ class RunConfig:
     """cpu: gloo and vLLM-CPU; gpu: NCCL and CUDA vLLM."""
     colocate: bool = False
     """Share GPUs between the policy learner and the rollout engines (vLLM sleep/wake)."""
+    logical_gpus: bool = False
+    """Lay the actors out as on GPUs (the `separate` layout: placement groups of one-GPU bundles spread over
+    the nodes) on Ray's logical GPU resources, while they compute on CPU (gloo, vLLM-CPU): a simulated
+    multi-node cluster or a placement dry run on nodes started with `--num-gpus`. Needs run.device=cpu
+    and run.colocate=false."""
     sync_check_tol: float = 0.05
     """Largest mean |logprob difference| between vLLM and the learner allowed after a weight sync."""
     stop_after: int = 0
@@ -500,10 +531,14 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field and range checks, each naming the key."""
+    """Cross-field and range checks, each naming the key; derived values are resolved first (model.dtype=auto
+    becomes the device's dtype)."""
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
+
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype = "float32" if cfg.run.device == "cpu" else "bfloat16"
 
     # First, so that a NaN is named as such rather than failing some range check below.
     for section in dataclasses.fields(cfg):
@@ -575,5 +610,15 @@ def validate(cfg: Config) -> None:
                                        f"policy.algo={cfg.policy.algo}")
     if cfg.run.method in ("aihf", "dpo", "ipo", "bt_rm"):
         need(bool(cfg.data.preferences), f"run.method={cfg.run.method} needs preference data: set data.preferences")
+    if cfg.run.logical_gpus:
+        need(cfg.run.device == "cpu" and not cfg.run.colocate,
+             f"run.logical_gpus=true lays the actors out on logical GPUs while they compute on CPU: it needs "
+             f"run.device=cpu and run.colocate=false, got run.device={cfg.run.device} and "
+             f"run.colocate={str(cfg.run.colocate).lower()}")
     if cfg.run.colocate:
         need(cfg.run.device == "gpu", "run.colocate=true shares GPUs between learner and vLLM: it needs run.device=gpu")
+    for role in ("policy", "reward", "critic"):
+        section = getattr(cfg, role)
+        need(section.offload != "all" or section.zero_stage == 3,
+             f"{role}.offload=all also offloads the parameters, which needs ZeRO-3: set {role}.zero_stage=3 "
+             f"(or {role}.offload=optimizer), got {role}.zero_stage={section.zero_stage}")

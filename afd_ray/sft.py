@@ -161,6 +161,7 @@ def train_loop(config: dict) -> None:
 
     from afd_ray.algo.losses import sft_loss
     from afd_ray.models.loading import LoraSpec, load_policy, load_tokenizer, save_model
+    from afd_ray.workers.deepspeed_rank import ds_config
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not one INFO line per reported step
     job = SFTJob(**config["job"])
@@ -177,12 +178,7 @@ def train_loop(config: dict) -> None:
     warm = max(job.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     accum = job.batch_size // (job.micro_batch_size * world)
-    ds_cfg = {"train_micro_batch_size_per_gpu": job.micro_batch_size, "gradient_accumulation_steps": accum,
-              "train_batch_size": job.batch_size, "gradient_clipping": job.grad_clip,
-              "zero_optimization": {"stage": job.zero_stage}, "zero_allow_untested_optimizer": True,
-              "steps_per_print": 10**9}
-    if job.dtype == "bfloat16":
-        ds_cfg["bf16"] = {"enabled": True}
+    ds_cfg = ds_config(job.micro_batch_size, world, job.grad_clip, job.zero_stage, job.dtype, accumulation=accum)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     device = engine.device
 

@@ -12,7 +12,8 @@ import yaml
 from afd_ray.config import load_config
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
-RAY_UP = sorted(p for p in CLUSTERS.glob("*.yaml") if "kind" not in yaml.safe_load(p.read_text()))
+LOCAL = CLUSTERS / "local-fake.yaml"  # a local rehearsal on Ray's fake multi-node provider (tests/test_cluster_sim.py)
+RAY_UP = sorted(p for p in CLUSTERS.glob("*.yaml") if "kind" not in yaml.safe_load(p.read_text()) and p != LOCAL)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -88,3 +89,24 @@ def test_kuberay_dashboard_is_on_localhost_or_behind_token_auth():
     if host not in LOOPBACK:
         assert spec.get("authOptions", {}).get("mode") == "token", f"dashboard on {host} without token auth"
         assert tuple(map(int, spec["rayVersion"].split(".")[:2])) >= (2, 52), "token auth needs Ray >= 2.52"
+
+
+def test_the_local_fake_cluster_mirrors_a_shipped_one():
+    """clusters/local-fake.yaml passes Ray's schema, runs Ray's fake multi-node provider, and has the worker node
+    types of gcp-a100.yaml with logical GPUs; its head (named as the fake provider names it) holds no GPU."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(LOCAL.read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    assert raw["provider"]["module"].endswith("fake_multi_node.node_provider.FakeMultiNodeProvider")
+    gcp = yaml.safe_load((CLUSTERS / "gcp-a100.yaml").read_text())["available_node_types"]
+    types = raw["available_node_types"]
+    assert set(types) - {"ray.head.default"} == set(gcp) - {"head"} and raw["head_node_type"] == "ray.head.default"
+    assert types["ray.head.default"]["resources"]["GPU"] == 0
+    assert all(t["resources"]["GPU"] >= 1 for name, t in types.items() if name != "ray.head.default")
+    commands = job_args(LOCAL.read_text())
+    assert commands, "local-fake.yaml names no job command"
+    for args in commands:
+        cfg = config_of(args)
+        assert cfg.run.logical_gpus and cfg.run.device == "cpu"
+    assert "--dashboard-host=127.0.0.1" in LOCAL.read_text()

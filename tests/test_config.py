@@ -137,7 +137,7 @@ def test_a_key_given_twice_in_yaml_names_file_key_and_lines(tmp_path, text, key,
 @pytest.mark.parametrize("preset, overrides, cluster, needle", [
     ("ultrachat-8gpu", [], {"CPU": 64.0, "GPU": 4.0}, "needs 12 CPU, 8 GPU but the cluster has 64 CPU, 4 GPU"),
     ("ultrachat-8gpu", ["rollout.tensor_parallel_size=2"], {"CPU": 64.0, "GPU": 8.0},
-     "rollout (rollout): 2 x {1 CPU, 2 GPU}"),
+     "rollout (rollout): 4 x {1 CPU, 1 GPU}"),
     ("ultrachat-8gpu", [], {"CPU": 8.0, "GPU": 8.0}, "short of CPU."),
     ("ultrachat-2gpu", [], {"CPU": 16.0}, "colocated (rollout, policy, reward, reference): 2 x {2 CPU, 1 GPU}"),
     ("ultrachat-2gpu", [], {"CPU": 16.0, "GPU": 1.0}, "short of GPU"),
@@ -151,3 +151,33 @@ def test_a_world_larger_than_the_cluster_is_refused(preset, overrides, cluster, 
     assert needle in str(err.value) and "policy.world_size" in str(err.value)
     check_fits(p, {"CPU": 1000.0, "GPU": 1000.0, "memory": 1e12})  # the same plan fits a bigger cluster
     check_fits(plan(load_config("cpu")), {"CPU": 1.0})  # the CPU layout asks for 0.1 CPU per actor
+
+
+@pytest.mark.parametrize("preset, overrides, dtype", [
+    (None, [], "float32"),                                     # the default: auto on run.device=cpu
+    (None, ["run.device=gpu"], "bfloat16"),                    # auto on a GPU
+    (None, ["run.device=gpu", "model.dtype=float16"], "float16"),
+    ("cpu", ["model.dtype=auto"], "float32"),
+    ("tldr-ppo", ["model.dtype=auto"], "bfloat16"),
+    ("toy", [], "float32"),                                    # a preset that leaves the dtype out
+])
+def test_model_dtype_auto_resolves_to_the_device_dtype(preset, overrides, dtype):
+    cfg = load_config(preset, overrides)
+    assert cfg.model.dtype == dtype  # every reader gets a concrete dtype
+    assert Config().model.dtype == "auto"
+
+
+def test_memory_options_parse_and_offload_all_needs_zero3():
+    cfg = load_config("cpu", ["policy.gradient_checkpointing=true", "reward.offload=optimizer",
+                              "critic.offload=all", "critic.zero_stage=3", "critic.gradient_checkpointing=true"])
+    assert cfg.policy.gradient_checkpointing and not cfg.reward.gradient_checkpointing
+    assert (cfg.policy.offload, cfg.reward.offload, cfg.critic.offload) == ("none", "optimizer", "all")
+    for role in ("policy", "reward", "critic"):
+        with pytest.raises(ConfigError) as err:
+            load_config("cpu", [f"{role}.offload=all"])
+        assert f"{role}.offload=all also offloads the parameters, which needs ZeRO-3: set {role}.zero_stage=3" \
+            in str(err.value)
+    with pytest.raises(ConfigError, match=r"policy.offload='cpu' is not allowed; choose one of \['none', 'optimizer'"):
+        load_config("cpu", ["policy.offload=cpu"])
+    with pytest.raises(ConfigError, match="reward.gradient_checkpointing='maybe' must be true or false"):
+        load_config("cpu", ["reward.gradient_checkpointing=maybe"])

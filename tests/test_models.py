@@ -84,8 +84,10 @@ def test_lora_trains_adapters_and_saves_merged(tiny_llama_dir, tokenizer, tmp_pa
     def trainable():
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    # only the adapters train: A (r x 64) and B (64 x r) on q, k, v, o of both layers (hidden 64, r = 4)
-    assert trainable() == 2 * 4 * (4 * 64 + 64 * 4)
+    # only the adapters train: A (r x in) and B (out x r) on q, k, v, o (64 -> 64) and gate, up (64 -> 128),
+    # down (128 -> 64) of both layers (hidden 64, intermediate 128, r = 4)
+    adapters = 2 * 4 * (4 * (64 + 64) + 3 * (64 + 128))
+    assert trainable() == adapters
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -95,7 +97,7 @@ def test_lora_trains_adapters_and_saves_merged(tiny_llama_dir, tokenizer, tmp_pa
         expected = model(ids).logits
     out = save_model(model, tokenizer, tmp_path / "merged")
     with torch.no_grad():  # the training copy keeps its adapters, unmerged: same count, same outputs
-        assert trainable() == 2 * 4 * (4 * 64 + 64 * 4) and torch.allclose(model(ids).logits, expected, atol=1e-5)
+        assert trainable() == adapters and torch.allclose(model(ids).logits, expected, atol=1e-5)
     merged = load_policy(str(out))
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, expected, atol=1e-4)
@@ -121,3 +123,82 @@ def test_a_base_model_without_a_chat_template_gets_the_plain_dialogue_format(smo
                                TruncationRules())
     assert tok.decode(enc.prompt_ids) == "\n\nHuman: Hi there\n\nAssistant:"
     assert enc.response_ids[-1] == tok.eos_token_id and tok.decode(enc.response_ids[:-1]) == " Hello!"
+
+
+def _tiny(arch: str, head: str = "lm"):
+    """A random two-block model of ``arch`` (hidden 64, MLP 128, vocab 128), built in memory."""
+    import transformers
+
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=2, n_inner=128,
+                                         n_positions=64, bos_token_id=1, eos_token_id=2)
+    elif arch == "gpt_neox":
+        config = transformers.GPTNeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                            bos_token_id=1, eos_token_id=2)
+    else:
+        config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=128, max_position_embeddings=64)
+    config.num_labels, config.pad_token_id = 1, 0
+    cls = transformers.AutoModelForCausalLM if head == "lm" else transformers.AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    return cls.from_config(config).eval()  # GPT-2 has dropout
+
+
+@pytest.mark.parametrize("arch, attention, mlp, per_block", [
+    ("gpt2", {"c_attn", "c_proj"}, {"c_fc", "c_proj"}, 4),  # c_proj: attention output and MLP output
+    ("gpt_neox", {"query_key_value", "dense"}, {"dense_h_to_4h", "dense_4h_to_h"}, 4),
+    ("llama", {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}, 7),
+])
+@pytest.mark.parametrize("head", ["lm", "score"])
+def test_lora_targets_every_block_linear_of_any_architecture(arch, attention, mlp, per_block, head):
+    from afd_ray.models.loading import apply_lora, lora_targets, reward_head, transformer_blocks
+
+    model = _tiny(arch, head)
+    assert set(lora_targets(model)) == attention | mlp
+    ids = torch.tensor([[3, 5, 9, 2]])
+    with torch.no_grad():
+        before = model(ids).logits
+    wrapped = apply_lora(model, LoraSpec(r=4, alpha=8), task_type="CAUSAL_LM" if head == "lm" else "SEQ_CLS")
+    adapted = {name.split(".lora_A.")[0] for name, _ in wrapped.named_parameters() if ".lora_A." in name}
+    assert {name.split(".")[-1] for name in adapted} == attention | mlp
+    assert len(adapted) == 2 * per_block  # every linear of both blocks
+    assert len(transformer_blocks(wrapped)) == 2
+    assert not any("lora_" in n for n, _ in wrapped.named_parameters() if "wte" in n or "embed" in n or "lm_head" in n)
+    if head == "score":
+        from afd_ray.models.loading import reward_forward
+
+        assert reward_head(wrapped).weight.requires_grad  # the new head trains in full
+        assert reward_forward(wrapped, ids, torch.ones_like(ids)).shape == (1,)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+        adapted_logits = wrapped(ids).logits
+        merged_logits = __import__("copy").deepcopy(wrapped).merge_and_unload()(ids).logits
+    assert adapted_logits.shape == before.shape and not torch.allclose(adapted_logits, before)
+    # GPT-2's Conv1D keeps its weight transposed: the merged model must still compute the adapted one
+    assert torch.allclose(merged_logits, adapted_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [None, LoraSpec(r=4, alpha=8)])
+def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(tiny_llama_dir, lora):
+    from afd_ray.models.loading import enable_gradient_checkpointing, transformer_blocks
+
+    ids = torch.tensor([[1, 5, 9, 11, 20, 21, 2], [1, 7, 30, 2, 0, 0, 0]])
+    mask = (torch.arange(7) < torch.tensor([[7], [4]])).long()
+    grads, runs = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation
+        model = load_policy(str(tiny_llama_dir), lora=lora).train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+            assert not model.config.use_cache
+        runs[checkpointing] = []
+        transformer_blocks(model)[0].register_forward_pre_hook(lambda *_, r=runs[checkpointing]: r.append(1))
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(runs[True]) == 2 and len(runs[False]) == 1  # the block ran again in the backward pass
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, g in grads[False].items():
+        assert torch.allclose(grads[True][name], g, atol=1e-6), name

@@ -91,3 +91,50 @@ def test_a_resumed_run_starts_current_and_samples_without_a_sync():
     out = c.rollout.generate([[1, 2], [3, 4]], SamplingSpec(n=1))
     assert engines.log == ["generate"] and out.response_ids == [[1, 0], [3, 0]]
     assert torch.equal(torch.tensor(out.prompt_ids), torch.tensor([[1, 2], [3, 4]]))
+
+
+class FakeLearnerStates:
+    """A colocated learner group's optimizer states: on the GPU or offloaded; refuses to share the GPU
+    with awake engines."""
+
+    def __init__(self, engines):
+        self.engines, self.on_gpu = engines, True
+
+    def offload_states(self):
+        self.engines.log.append("offload")
+        self.on_gpu = False
+
+    def reload_states(self):
+        assert self.engines.asleep, "learner states reloaded while the engines are awake"
+        self.engines.log.append("reload")
+        self.on_gpu = True
+
+
+def test_colocated_learners_and_engines_never_hold_the_gpu_together():
+    cfg = load_config("toy", ["model.policy=x", "rollout.prompts_per_iteration=3", "rollout.n=2",
+                              "run.iterations=2", "data.heldout=2"])
+    c, engines = colocated()
+    states = [FakeLearnerStates(engines), FakeLearnerStates(engines)]  # policy and reward groups
+    c.rollout.learners = states
+    d = demos()
+    state = LoopState(cursor=DataCursor(len(d), seed=0))
+    for t in range(1, 3):
+        irl_iteration(t, cfg, d, d[:2], c, state)
+    log = engines.log
+    # every wake-up follows the offload of each learner group; every sleep is followed by their reload
+    for i, event in enumerate(log):
+        if event == "wake_up":
+            assert log[i - 2:i] == ["offload", "offload"]
+        if event == "sleep":
+            assert log[i + 1:i + 3] == ["reload", "reload"]
+    assert log.count("wake_up") >= 1 and all(s.on_gpu for s in states)  # the loop ends with the learners back
+
+
+def test_engines_that_drop_their_weights_in_sleep_are_synced_before_they_sample_again():
+    c, engines = colocated()
+    c.rollout.sleep_level = 2
+    c.rollout.generate([[1, 2]], SamplingSpec(n=1))  # awake and current from the start: no sync
+    c.rollout.sleep()
+    assert c.rollout.stale  # no learner step happened, but the weights are gone
+    c.rollout.generate([[1, 2]], SamplingSpec(n=1))
+    assert engines.log == ["generate", "sleep", "wake_up", "sync", "generate"]

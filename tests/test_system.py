@@ -35,6 +35,8 @@ def test_sync_makes_vllm_greedy_equal_learner_greedy(ray_local, toy_sft, tokeniz
             system.sync.check()  # stale engine weights are caught
         stats = system.sync.sync()
         assert stats["sync_logprob_diff"] < 1e-3 and set(stats) == {"sync_seconds", "sync_logprob_diff"}
+        # through vLLM's weight-transfer protocol: the engine records the learner step its weights came from
+        assert system.sync.backend == "gloo" and rollout.group.call("weight_version") == ["3"]
         prompts = [d.prompt_ids for d in demos[36:52]]
         vllm_greedy = rollout.generate(prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=10)).response_ids
         policy.save(str(tmp_path / "state"), str(tmp_path / "hf"), str(toy_sft))
@@ -45,10 +47,7 @@ def test_sync_makes_vllm_greedy_equal_learner_greedy(ray_local, toy_sft, tokeniz
         hf_greedy = [g[: g.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in g else g for g in hf_greedy]
         assert vllm_greedy == hf_greedy
         # a corrupted tensor on the engine side fails the check with a clear error
-        def corrupt_embedding(worker):  # runs inside the vLLM worker (defined here: pickled by value)
-            worker.model_runner.get_model().model.embed_tokens.weight.data.mul_(3.0)
-
-        ray.get(system.rollout.actors[0].__ray_call__.remote(lambda a: a.llm.collective_rpc(corrupt_embedding)))
+        assert ray.get(system.rollout.actors[0].scale_weights.remote("embed_tokens", 3.0)) == 1
         with pytest.raises(WeightSyncError, match=r"rollout engine 0 disagrees .* run.sync_check_tol"):
             system.sync.check()
 

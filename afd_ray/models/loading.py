@@ -26,7 +26,7 @@ class LoraSpec:
     r: int = 0
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=list)  # empty = every linear of the blocks (lora_targets)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -69,17 +69,72 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def transformer_blocks(model) -> torch.nn.ModuleList:
+    """The stack of transformer blocks of a causal LM or reward model, LoRA-wrapped or not: the ModuleList
+    directly under the backbone (``model.layers`` of Llama/Mistral/Gemma, ``transformer.h`` of GPT-2,
+    ``gpt_neox.layers`` of GPT-NeoX/Pythia)."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    backbone = getattr(base, base.base_model_prefix, base)
+    for child in backbone.children():
+        if isinstance(child, torch.nn.ModuleList):
+            return child
+    raise TypeError(f"{type(base).__name__}: no ModuleList of transformer blocks under {type(backbone).__name__}, "
+                    f"so LoRA targets (model.lora_r) and frozen blocks (reward.freeze_layers) cannot be found")
+
+
+def lora_targets(model) -> list[str]:
+    """peft ``target_modules`` for ``model``: the names of the linear layers (``nn.Linear`` and transformers'
+    ``Conv1D``) inside its transformer blocks, so attention and MLP get adapters in any architecture (q/k/v/o
+    and gate/up/down in Llama, c_attn/c_proj/c_fc in GPT-2, query_key_value/dense/dense_h_to_4h/dense_4h_to_h
+    in GPT-NeoX) and the embeddings, LM head and reward head do not.
+
+    peft matches a target against the end of every module name in the model, so the short names (``q_proj``)
+    are returned unless a linear outside the blocks shares one; then the blocks' full module names."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = transformer_blocks(model)
+    inside = {id(m) for m in blocks.modules()}
+    linear = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)]
+    ours = [name for name, m in linear if id(m) in inside]
+    if not ours:
+        raise TypeError(f"{type(model).__name__}: no linear layers in its transformer blocks to put LoRA on")
+    short = sorted({name.rsplit(".", 1)[-1] for name in ours})
+    outside = {name.rsplit(".", 1)[-1] for name, m in linear if id(m) not in inside}
+    return short if not outside & set(short) else ours
+
+
 def apply_lora(model, lora: LoraSpec | None, task_type: str = "CAUSAL_LM"):
-    """Wrap ``model`` with LoRA adapters when lora.r > 0; otherwise return it unchanged."""
+    """Wrap ``model`` with LoRA adapters when lora.r > 0; otherwise return it unchanged. Without explicit
+    ``lora.target_modules`` every linear layer of the transformer blocks is adapted (``lora_targets``)."""
     if lora is None or lora.r <= 0:
         return model
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    targets = list(lora.target_modules) or lora_targets(model)
+    # GPT-2's Conv1D stores its weight transposed (in, out): peft needs to know to merge it correctly
+    conv1d = any(isinstance(m, Conv1D) and any(name == t or name.endswith(f".{t}") for t in targets)
+                 for name, m in model.named_modules())
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), task_type=task_type,
+        target_modules=targets, task_type=task_type, fan_in_fan_out=conv1d,
     )
     return get_peft_model(model, config)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them: the
+    activation memory of a step drops from every layer's to one layer's plus the block inputs, for about one
+    extra forward of compute. Non-reentrant checkpointing (PyTorch's recommended kind: unlike the reentrant
+    one it passes gradients through blocks whose inputs need none); the KV cache is off, as training never
+    reuses it.
+    When the input embeddings are frozen (LoRA, ``freeze_layers``) their output is made to require a
+    gradient, so the checkpointed blocks above them still get one."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+    if not base.get_input_embeddings().weight.requires_grad:
+        base.enable_input_require_grads()
 
 
 def load_policy(name_or_path: str, dtype: str = "float32", lora: LoraSpec | None = None):
@@ -121,12 +176,14 @@ def load_reward_model(name_or_path: str, dtype: str = "float32", lora: LoraSpec 
     return apply_lora(model, lora, task_type="SEQ_CLS")
 
 
-def reward_head(model) -> torch.nn.Linear:
-    """The scalar head of a sequence-classification model (``score`` for Llama-family models)."""
+def reward_head(model) -> torch.nn.Module:
+    """The scalar head of a sequence-classification model (``score`` for Llama-family and GPT-2 models). Under
+    LoRA it is peft's wrapper around the head's trainable copy (``modules_to_save``), which calls like it."""
     base = getattr(model, "get_base_model", lambda: model)()
     for name in ("score", "classifier", "v_head"):
-        if isinstance(getattr(base, name, None), torch.nn.Linear):
-            return getattr(base, name)
+        head = getattr(base, name, None)
+        if isinstance(head, torch.nn.Linear) or isinstance(getattr(head, "original_module", None), torch.nn.Linear):
+            return head
     raise TypeError(f"{type(base).__name__} has no scalar head named score/classifier/v_head")
 
 

@@ -25,7 +25,7 @@ class System:
 
     def __init__(self, cfg: Config, paths: dict[str, str], tokenizer, probe: list[Encoded],
                  roles: tuple[str, ...] = ROLES):
-        from afd_ray.placement import plan
+        from afd_ray.placement import plan, sync_backend
         from afd_ray.types import SequenceBatch
         from afd_ray.workers import handles
         from afd_ray.workers.deepspeed_rank import LearnerSpec
@@ -47,6 +47,9 @@ class System:
         common = dict(dtype=cfg.model.dtype, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
                       seed=cfg.run.seed, device=cfg.run.device, pad_token_id=pad)
         timeout = cfg.run.call_timeout_s
+        backend = sync_backend(cfg)
+        # dropping the weights in sleep (level 2) is safe only when a learner re-sends them after each wake
+        sleep_level = cfg.rollout.sleep_level if "policy" in roles else 1
         self.rollout = self.policy = self.reward = self.reference = self.critic = None
 
         def learner(cls, role: str, **spec) -> ActorGroup:
@@ -62,17 +65,23 @@ class System:
                     gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                     enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                     device=cfg.run.device, omp_threads_bind=f"0-{cores - 1}" if cpu else "auto",
-                    kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate, timeout_s=timeout)
-                self.handles["rollout"] = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate)
+                    kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate, sync_backend=backend,
+                    sleep_level=sleep_level, timeout_s=timeout)
+                self.handles["rollout"] = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate,
+                                                              sleep_level=sleep_level)
             if "policy" in roles:
                 self.policy = learner(PolicyLearner, "policy", lr=cfg.policy.lr, warmup_steps=cfg.policy.warmup_steps,
                                       weight_decay=cfg.policy.weight_decay, grad_clip=cfg.policy.grad_clip,
-                                      zero_stage=cfg.policy.zero_stage, micro_batch_size=cfg.policy.micro_batch_size)
+                                      zero_stage=cfg.policy.zero_stage, micro_batch_size=cfg.policy.micro_batch_size,
+                                      gradient_checkpointing=cfg.policy.gradient_checkpointing,
+                                      offload=cfg.policy.offload)
                 self.handles["policy"] = handles.PolicyGroup(self.policy)
             if "reward" in roles:
                 self.reward = learner(RewardLearner, "reward", lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip,
                                       zero_stage=cfg.reward.zero_stage, micro_batch_size=cfg.reward.micro_batch_size,
-                                      freeze_layers=cfg.reward.freeze_layers)
+                                      freeze_layers=cfg.reward.freeze_layers,
+                                      gradient_checkpointing=cfg.reward.gradient_checkpointing,
+                                      offload=cfg.reward.offload)
                 self.handles["reward"] = handles.RewardGroup(self.reward)
             if "reference" in roles:
                 self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, paths["reference"],
@@ -84,16 +93,21 @@ class System:
 
                 self.critic = learner(CriticLearner, "critic", lr=cfg.critic.lr, grad_clip=cfg.policy.grad_clip,
                                       zero_stage=cfg.critic.zero_stage, micro_batch_size=cfg.critic.micro_batch_size,
-                                      freeze_layers=cfg.reward.freeze_layers)
+                                      freeze_layers=cfg.reward.freeze_layers,
+                                      gradient_checkpointing=cfg.critic.gradient_checkpointing,
+                                      offload=cfg.critic.offload)
                 self.handles["critic"] = handles.CriticGroup(self.critic)
             for g in self.actor_groups:
                 g.ready(max(START_TIMEOUT_S, timeout) if timeout else None)
             if self.policy is not None and self.rollout is not None:
                 probe_batch = SequenceBatch([e.prompt_ids for e in probe], [e.response_ids for e in probe])
                 self.sync = handles.WeightSync(self.policy, self.rollout, probe_batch, cfg.run.sync_check_tol,
-                                               backend="gloo" if cpu else "nccl", pool=self.handles["rollout"])
+                                               backend=backend, pool=self.handles["rollout"])
                 pool = self.handles["rollout"]  # its engines serve this learner: stale after its updates
                 pool.learner, pool.push = self.handles["policy"], self.sync.sync
+            if cfg.run.colocate and "rollout" in self.handles:  # the learners give the GPUs to waking engines
+                self.handles["rollout"].learners = [self.handles[r] for r in ("policy", "reward", "critic")
+                                                    if r in self.handles]
         except BaseException:
             self.shutdown()
             raise

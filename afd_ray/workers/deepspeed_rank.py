@@ -5,10 +5,15 @@ Each rank holds a DeepSpeed ZeRO-2/3 engine (gloo on CPU, NCCL on GPU) and takes
 token (or pair) count, so the gradient DeepSpeed averages over ranks is exactly the single-process
 gradient of the whole batch (tests/test_system.py checks this against ``afd_ray.algo``). Every rank runs
 the same number of micro-batches (short ranks run a zero-weight one) because ZeRO's collectives must match.
+
+Memory for large models: gradient checkpointing (``LearnerSpec.gradient_checkpointing``), ZeRO offload of the
+optimizer (and, under ZeRO-3, the parameters) to CPU memory (``LearnerSpec.offload``), and, for a learner that
+shares its GPU with vLLM engines, ``offload_states`` / ``reload_states`` around the engines' awake time.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +25,9 @@ from afd_ray.algo.masked import token_logprobs
 from afd_ray.data.tokenize import TokenBatch, collate
 from afd_ray.types import SequenceBatch
 
+log = logging.getLogger("afd_ray")
+
+OFFLOAD = ("none", "optimizer", "all")
 
 @dataclass
 class LearnerSpec:
@@ -39,24 +47,61 @@ class LearnerSpec:
     seed: int = 0
     device: str = "cpu"
     pad_token_id: int = 0
+    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~1 more forward)
+    offload: str = "none"  # ZeRO offload to CPU memory: "none", "optimizer" (+ fp32 master weights), "all" (+ params)
 
 
-def _ds_config(spec: LearnerSpec, world_size: int) -> dict:
+def ds_config(micro_batch_size: int, world_size: int, grad_clip: float, zero_stage: int, dtype: str,
+              offload: str = "none", accumulation: int = 1) -> dict:
+    """The DeepSpeed config of a learner rank and of an SFT worker.
+
+    ``offload``: "optimizer" keeps the fp32 master weights and the Adam moments in pinned CPU memory and steps
+    them there (ZeRO-Offload; the GPU holds the 16-bit weights and gradients); "all" also keeps the parameters
+    there (ZeRO-Infinity's CPU tier: ZeRO-3 only, as only ZeRO-3 partitions parameters). Either way
+    DeepSpeed's CPU Adam is used when its op builds, else the torch AdamW the rank passes
+    (``zero_force_ds_cpu_optimizer`` off lets DeepSpeed accept it)."""
+    if offload not in OFFLOAD:
+        raise ValueError(f"offload={offload!r} is not one of {list(OFFLOAD)}")
+    if offload == "all" and zero_stage != 3:
+        raise ValueError(f"offload='all' offloads the parameters, which needs ZeRO-3 (zero_stage=3), got "
+                         f"zero_stage={zero_stage}")
+    zero = {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if offload != "none":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     cfg = {
-        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-        "train_batch_size": spec.micro_batch_size * world_size,
-        "gradient_accumulation_steps": 1,  # accumulation boundaries are set per update (see _step)
-        "gradient_clipping": spec.grad_clip,
-        "zero_optimization": {"stage": spec.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "train_batch_size": micro_batch_size * world_size * accumulation,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if spec.dtype == "bfloat16":
+    if offload != "none":
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    if dtype == "bfloat16":
         cfg["bf16"] = {"enabled": True}
-    elif spec.dtype == "float16":
+    elif dtype == "float16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return cfg
+
+
+def adamw(params: list, lr: float, weight_decay: float, offload: str = "none") -> torch.optim.Optimizer:
+    """AdamW over ``params``. With ZeRO offload the optimizer steps CPU tensors: DeepSpeed's vectorised CPU
+    Adam (the same AdamW update) when its C++ op compiles (once per machine, into the torch extensions
+    cache), else torch AdamW, slower on large models, with a warning."""
+    if offload != "none":
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+        except Exception as e:  # noqa: BLE001 - a failed op build raises many kinds (no compiler, no headers)
+            log.warning("DeepSpeedCPUAdam is unavailable (%s: %s); the offloaded optimizer steps with torch AdamW",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 class DeepSpeedRank:
@@ -71,7 +116,12 @@ class DeepSpeedRank:
                           MASTER_PORT=str(master_port))
         import deepspeed
 
-        from afd_ray.models.loading import LoraSpec, load_policy, load_reward_model
+        from afd_ray.models.loading import (
+            LoraSpec,
+            enable_gradient_checkpointing,
+            load_policy,
+            load_reward_model,
+        )
 
         self.spec, self.rank, self.world_size = spec, rank, world_size
         torch.manual_seed(spec.seed)
@@ -83,18 +133,22 @@ class DeepSpeedRank:
             model = load_reward_model(spec.model_path, spec.dtype, lora, seed=spec.seed)
         if spec.freeze_layers:
             _freeze_lower(model, spec.freeze_layers)
+        if spec.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        optimizer = adamw(params, spec.lr, spec.weight_decay, spec.offload)
         # a warm-up is DeepSpeed's client scheduler, so its step count is saved and resumed with the run; none
         # without one (checkpoints of constant-lr runs carry no scheduler state, and stay loadable)
         warm = spec.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm)) if warm else None
+        config = ds_config(spec.micro_batch_size, world_size, spec.grad_clip, spec.zero_stage, spec.dtype,
+                           spec.offload)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=_ds_config(spec, world_size))
+                                               config=config)
         self.device = self.engine.device
         self.steps = 0
-        self._sync_group = None
         self._tokenizers: dict[str, object] = {}
+        self._offloaded: list | None = None  # what offload_states moved to CPU memory, until reload_states
 
     # ---- shared helpers -------------------------------------------------------------------------------------
 
@@ -166,6 +220,40 @@ class DeepSpeedRank:
         out.update({k: v for k, v in zip(keys, reduced[1:])})
         return out
 
+    # ---- GPU residency (colocated with vLLM engines) ---------------------------------------------------------
+
+    def offload_states(self, keep_weights: bool = True) -> int:
+        """Move this rank's training state (fp32 master weights, gradient buffers, Adam moments; with
+        ``keep_weights=False`` also ZeRO's 16-bit weights) to CPU memory, so colocated vLLM engines have the
+        GPU while they are awake. With the weights kept (the rollout pool's case) forward passes and the
+        weight sync still work, which is what happens while the engines are awake (the sync, its probe
+        check); a backward, a step or a save must wait for ``reload_states``; with them moved nothing may
+        use the model until then. Returns the GPU bytes freed (``torch.cuda.memory_allocated`` before minus
+        after).
+
+        A no-op returning 0 on CPU (run.device=cpu: nothing lives on a GPU), with offload="all" (weights and
+        optimizer live in CPU memory already; DeepSpeed refuses to move offloaded parameters) and when the
+        state is offloaded already."""
+        if self.spec.device == "cpu" or self.spec.offload == "all" or self._offloaded is not None:
+            return 0
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        self._offloaded = _offload(self.engine, self.spec.zero_stage, keep_weights)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return before - torch.cuda.memory_allocated()
+
+    def reload_states(self) -> int:
+        """Bring back what ``offload_states`` moved; returns the GPU bytes it takes again. A no-op returning
+        0 on CPU and when nothing is offloaded."""
+        if self._offloaded is None:
+            return 0
+        before = torch.cuda.memory_allocated()
+        _reload(self.engine, self._offloaded)
+        self._offloaded = None
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() - before
+
     def rendezvous(self) -> tuple[str, int]:
         """This rank's node IP and a free port on it (rank 0 hosts the weight-sync store)."""
         import ray
@@ -224,9 +312,49 @@ class DeepSpeedRank:
 
 
 def _freeze_lower(model, n_layers: int) -> None:
-    """Freeze the embeddings and the lowest ``n_layers`` transformer blocks (a cheaper reward model)."""
-    base = getattr(model, "get_base_model", lambda: model)()
-    backbone = getattr(base, base.base_model_prefix)
-    backbone.embed_tokens.requires_grad_(False)
-    for block in backbone.layers[:n_layers]:
+    """Freeze the input embeddings and the lowest ``n_layers`` transformer blocks (a cheaper reward model)."""
+    from afd_ray.models.loading import transformer_blocks
+
+    getattr(model, "get_base_model", lambda: model)().get_input_embeddings().requires_grad_(False)
+    for block in transformer_blocks(model)[:n_layers]:
         block.requires_grad_(False)
+
+
+# ZeRO buffers DeepSpeed 0.19.8's engine.offload_states moves itself, per stage. ZeRO-3 moves its fp32 master
+# partitions and Adam moments only for DeepSpeed's FusedAdam (an assertion): with torch AdamW or CPU Adam those
+# two are moved here instead (_to_host), and so are the Adam moments under ZeRO-2, whose own mover would
+# bring AdamW's CPU step counters back onto the GPU.
+_DEEPSPEED_MOVES = {2: ("hp_params", "lp_params", "lp_grads"), 3: ("lp_params", "lp_grads", "contiguous_grad_buffer")}
+
+
+def _offload(engine, zero_stage: int, keep_weights: bool = True) -> list[tuple[torch.Tensor, torch.device]]:
+    """Move the engine's GPU-resident training state to CPU memory; returns the tensors moved by hand with
+    the device each came from (``_reload`` puts them back). DeepSpeed skips what its config offloads already."""
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
+
+    include = [OffloadStateTypeEnum(name) for name in _DEEPSPEED_MOVES[zero_stage]
+               if not (keep_weights and name == "lp_params")]
+    engine.offload_states(include=include, device=OffloadDeviceEnum.cpu, pin_memory=True)
+    zero_optimizer = engine.optimizer
+    tensors = [t for state in zero_optimizer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    if zero_stage == 3:
+        tensors += list(zero_optimizer.fp32_partitioned_groups_flat)
+    return _to_host(tensors)
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.device]]:
+    """Point each accelerator tensor's ``.data`` at a CPU copy (pinned, for fast copies back), in place, so
+    whoever holds the tensor (the optimizer's param groups and state) keeps it."""
+    moved = []
+    for t in tensors:
+        if t.device.type != "cpu":
+            device = t.device
+            t.data = t.data.to("cpu", non_blocking=True)  # a device-to-host non_blocking copy lands in pinned memory
+            moved.append((t, device))
+    return moved
+
+
+def _reload(engine, moved: list[tuple[torch.Tensor, torch.device]]) -> None:
+    for t, device in moved:
+        t.data = t.data.to(device, non_blocking=True)
+    engine.reload_states()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 
@@ -57,45 +57,58 @@ def reserve(plan: Plan) -> dict[str, Any]:
     return groups
 
 
-def _ip_and_free_port() -> tuple[str, int]:
-    return ray.util.get_node_ip_address(), free_port()
+class Rendezvous(NamedTuple):
+    """Where a ranked group's torch.distributed store is bound: ``addr``:``port`` on node ``node_id``."""
+
+    addr: str
+    port: int
+    node_id: str
 
 
-def rendezvous_point(pg, index: int) -> tuple[str, int]:
-    """(IP, free port) of the node that holds bundle ``index``. Rank 0 binds the torch.distributed store
-    there, so the port is picked on that node (on a cluster it is seldom the driver's)."""
+def _rendezvous_here() -> Rendezvous:
+    return Rendezvous(ray.util.get_node_ip_address(), free_port(), ray.get_runtime_context().get_node_id())
+
+
+def rendezvous_point(pg, index: int) -> Rendezvous:
+    """(IP, free port, node id) of the node that holds bundle ``index``. Rank 0 binds the torch.distributed
+    store there, so the port is picked on that node (on a cluster it is seldom the driver's)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node_id = ray.util.placement_group_table(pg)["bundles_to_node_id"][index]
-    probe = ray.remote(num_cpus=0)(_ip_and_free_port)
+    probe = ray.remote(num_cpus=0)(_rendezvous_here)
     ref = probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
     return wait_all([ref], 300.0, "the rendezvous probe on rank 0's node")[0]
 
 
 class ActorGroup:
-    """One actor of ``cls`` per slot of ``plan.roles[role]``. With ``ranked``, actor i also gets
-    rank=i, world_size, master_addr and master_port (torch.distributed rendezvous on rank 0's node)."""
+    """One actor of ``cls`` per slot of ``plan.roles[role]``, with the slot's resources and environment
+    (and ``env`` on top); a slot whose engine starts its own workers (``Slot.starts_workers``: vLLM's
+    tensor-parallel workers) is scheduled so that they land in its placement group too. With ``ranked``,
+    actor i also gets rank=i, world_size, master_addr and master_port (``rendezvous``: on rank 0's node)."""
 
     def __init__(self, cls: type, plan: Plan, role: str, groups: dict[str, Any], *args, ranked: bool = False,
                  env: dict[str, str] | None = None, timeout_s: float | None = None, **kwargs):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        slots = plan.roles[role]
-        self.role, self.world_size, self.timeout_s = role, len(slots), timeout_s or None
+        self.slots = plan.roles[role]
+        self.role, self.world_size, self.timeout_s = role, len(self.slots), timeout_s or None
         remote_cls = ray.remote(cls)
         extra: dict[str, Any] = {}
+        self.rendezvous: Rendezvous | None = None
         if ranked:
-            addr, port = rendezvous_point(groups[slots[0].group], slots[0].bundle)
-            extra = {"world_size": self.world_size, "master_port": port, "master_addr": addr}
+            self.rendezvous = rendezvous_point(groups[self.slots[0].group], self.slots[0].bundle)
+            extra = {"world_size": self.world_size, "master_port": self.rendezvous.port,
+                     "master_addr": self.rendezvous.addr}
         self.actors = []
-        for i, slot in enumerate(slots):
+        for i, slot in enumerate(self.slots):
             options: dict[str, Any] = {
                 "num_cpus": slot.resources.get("CPU", 0),
                 "num_gpus": slot.resources.get("GPU", 0),
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    groups[slot.group], placement_group_bundle_index=slot.bundle),
+                    groups[slot.group], placement_group_bundle_index=slot.bundle,
+                    placement_group_capture_child_tasks=slot.starts_workers),
             }
-            env_vars = {**(env or {}), **faults.env()}
+            env_vars = {**slot.env, **(env or {}), **faults.env()}
             if env_vars:
                 options["runtime_env"] = {"env_vars": env_vars}
             rank = {"rank": i} if ranked else {}

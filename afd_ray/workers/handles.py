@@ -33,14 +33,20 @@ class RolloutPool:
     ``sleep_between=True``, they sleep after sampling so the learners have the GPU memory), weights current
     or stale (``version``, the learner step their weights came from, behind ``learner.step``). Whatever
     samples goes through ``generate``, which wakes the engines and, if their weights are stale, pushes the
-    learner's first (``push``: the weight sync and its check), so no engine samples asleep or stale."""
+    learner's first (``push``: the weight sync and its check), so no engine samples asleep or stale.
 
-    def __init__(self, group: ActorGroup, sleep_between: bool = False):
-        self.group, self.sleep_between = group, sleep_between
+    Colocated, the two never hold the GPU at once: waking the engines first offloads the optimizer states
+    of ``learners`` (the groups sharing their GPUs), putting them to sleep reloads them. At
+    ``sleep_level=2`` the engines drop their weights while asleep (nothing to copy back, no host memory
+    held), so their weights count as stale until the next sync."""
+
+    def __init__(self, group: ActorGroup, sleep_between: bool = False, sleep_level: int = 1):
+        self.group, self.sleep_between, self.sleep_level = group, sleep_between, sleep_level
         self.asleep = False
         self.version = 0  # learner steps behind the engines' weights (engines start from the learner's model)
         self.learner = None  # the PolicyGroup they serve, and the sync that brings them up to it: set together
         self.push = None
+        self.learners: list = []  # learner groups on the same GPUs (colocated): offloaded while engines wake
 
     @property
     def stale(self) -> bool:
@@ -56,9 +62,15 @@ class RolloutPool:
         if self.sleep_between and not self.asleep:
             self.group.call("sleep")
             self.asleep = True
+            if self.sleep_level >= 2:
+                self.version = -1  # weights dropped: a sync must come before the next sample
+            for g in self.learners:
+                g.reload_states()
 
     def wake_up(self) -> None:
         if self.asleep:
+            for g in self.learners:
+                g.offload_states()
             self.group.call("wake_up")
             self.asleep = False
 
@@ -89,6 +101,13 @@ class _LearnerGroup:
 
     def load(self, ckpt_dir: str) -> None:
         self.group.call("load", ckpt_dir)
+
+    def offload_states(self) -> None:
+        """Free this group's accelerator memory of optimizer states (colocated engines are waking)."""
+        self.group.call("offload_states")
+
+    def reload_states(self) -> None:
+        self.group.call("reload_states")
 
 
 class PolicyGroup(_LearnerGroup):
@@ -122,41 +141,55 @@ class CriticGroup(_LearnerGroup):
 
 
 class Reference:
+    """Data-parallel replicas of the frozen pi_ref (one per GPU it is given): a batch is split into
+    contiguous chunks, one per replica, and the answers joined in order."""
+
     def __init__(self, group: ActorGroup):
         self.group = group
 
     def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
-        return wait_all([self.group.actors[0].logprobs.remote(seqs)], self.group.timeout_s, "reference.logprobs")[0]
+        k, n = self.group.world_size, len(seqs)
+        bounds = [i * n // k for i in range(k + 1)]
+        parts = self.group.call_each("logprobs", [
+            (SequenceBatch(seqs.prompts[a:b], seqs.responses[a:b]),) if b > a else None
+            for a, b in zip(bounds, bounds[1:])])
+        return [row for part in parts for row in part]
 
 
 class WeightSync:
-    """Learner rank 0 -> every vLLM engine, then the check: the engines' log-probs of a fixed probe batch
-    must match the learner's within ``tol`` (mean absolute difference per token), else WeightSyncError."""
+    """Learner ranks -> every vLLM engine through vLLM's weight-transfer protocol (``backend``: gloo on
+    CPU, ipc colocated, nccl separate; afd_ray/workers/transfer.py), then the check: the engines'
+    log-probs of a fixed probe batch must match the learner's within ``tol`` (mean absolute difference per
+    token), and each engine's weight version must be the learner step just sent, else WeightSyncError.
+    ``engine_diffs`` holds each engine's difference from the last check."""
 
     def __init__(self, policy: ActorGroup, rollout: ActorGroup, probe: SequenceBatch, tol: float,
-                 backend: str = "gloo", bucket_bytes: int = 64 << 20, pool: RolloutPool | None = None):
+                 backend: str = "gloo", pool: RolloutPool | None = None):
         self.policy, self.rollout, self.probe, self.tol, self.pool = policy, rollout, probe, tol, pool
+        self.backend = backend
+        self.engine_diffs: list[float] = []
         timeout = policy.timeout_s
         tp = wait_all([rollout.actors[0].tensor_parallel_size.remote()], timeout, "rollout.tensor_parallel_size")[0]
-        world = 1 + tp * len(rollout.actors)
-        # the store lives with learner rank 0
+        # the store (gloo, nccl) lives with learner rank 0; ipc needs none
         addr, port = wait_all([policy.actors[0].rendezvous.remote()], timeout, "policy.rendezvous")[0]
-        refs = [a.init_weight_sync.remote(addr, port, 1 + i * tp, world, backend) for i, a in enumerate(rollout.actors)]
-        refs += policy.run("init_weight_sync", addr, port, world, backend)
-        wait_all(refs, timeout, "init_weight_sync")
-        self.buckets = wait_all([policy.actors[0].weight_buckets.remote(bucket_bytes)], timeout,
-                                "policy.weight_buckets")[0]
+        policy.call("init_weight_transfer", backend, addr, port, 1 + tp * len(rollout.actors), rollout.actors, tp,
+                    timeout)
 
     def sync(self) -> dict[str, float]:
         """Push the learner's weights to every engine and check them; the pool's engines are then current."""
+        step = 0
         if self.pool is not None:
             self.pool.wake_up()
             step = self.pool.learner.step if self.pool.learner is not None else 0
         t0 = time.perf_counter()
-        wait_all(self.policy.run("broadcast_weights", self.buckets) + self.rollout.run("receive_weights", self.buckets),
-                 self.policy.timeout_s, "weight sync")
+        self.policy.call("send_weights", step)
         seconds = time.perf_counter() - t0
         diff = self.check()
+        versions = self.rollout.call("weight_version")
+        wrong = [i for i, v in enumerate(versions) if v != str(step)]
+        if wrong:
+            raise WeightSyncError(f"weight sync: rollout engines {wrong} report weight versions "
+                                  f"{[versions[i] for i in wrong]} after the sync of learner step {step}")
         if self.pool is not None:
             self.pool.version = step
         return {"sync_seconds": seconds, "sync_logprob_diff": diff}
@@ -170,17 +203,17 @@ class WeightSync:
         if not all(math.isfinite(x) for row in learner for x in row):
             raise WeightSyncError("weight sync check: the policy learner's own log-probs of the probe batch are "
                                   "not finite: its weights are NaN/inf", role="policy")
-        worst = 0.0
+        self.engine_diffs = []
         for i, engine in enumerate(self.rollout.call("prompt_logprobs", seqs, start)):
             if not all(math.isfinite(x) for row in engine for x in row):
                 raise WeightSyncError(f"weight sync check: rollout engine {i} gives non-finite log-probs on the probe "
                                       "batch after the sync: the weights it received are corrupted", role="rollout")
             diffs = [abs(a - b) for e, lr in zip(engine, learner) for a, b in zip(e, lr)]
             diff = sum(diffs) / max(len(diffs), 1)
-            worst = max(worst, diff)
+            self.engine_diffs.append(diff)
             if diff > self.tol:
                 raise WeightSyncError(
                     f"weight sync check failed: rollout engine {i} disagrees with the policy learner by "
                     f"{diff:.4f} nats/token on the probe batch (tolerance run.sync_check_tol={self.tol}). "
                     "The engine holds stale or corrupted weights; stopping before it samples from them.")
-        return worst
+        return max(self.engine_diffs, default=0.0)

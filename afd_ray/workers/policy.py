@@ -1,5 +1,5 @@
-"""PolicyLearner: DeepSpeed ranks of pi_theta. Verbs: logprobs, update, weight_buckets, init_weight_sync,
-broadcast_weights, save, load. Algorithm-blind: the driver sends a PolicyBatch whose objective is "pg"
+"""PolicyLearner: DeepSpeed ranks of pi_theta. Verbs: logprobs, update, init_weight_transfer, send_weights,
+save, load. Algorithm-blind: the driver sends a PolicyBatch whose objective is "pg"
 (PPO clipped ratio on driver-computed advantages), "sft" or "dpo"."""
 
 from __future__ import annotations
@@ -97,51 +97,24 @@ class PolicyLearner(DeepSpeedRank):
 
         return self._step(micro, len(mine))
 
-    # ---- weight sync (policy rank 0 sends; all ranks gather under ZeRO-3) -----------------------------------
+    # ---- weight sync through vLLM's weight-transfer API (afd_ray/workers/transfer.py) -----------------------
 
-    def _named_for_sync(self):
-        """(HF name, parameter) of the unwrapped policy, LoRA adapters merged in (names without peft prefix)."""
-        module = self.engine.module
-        if hasattr(module, "merge_adapter"):
-            prefix = "base_model.model."
-            return [(n.removeprefix(prefix).replace(".base_layer", ""), p) for n, p in module.named_parameters()
-                    if "lora_" not in n]
-        return list(module.named_parameters())
+    def init_weight_transfer(self, backend: str, master_addr: str, port: int, world_size: int, engines: list,
+                             tp: int, timeout_s: float | None) -> None:
+        """Every rank: build the trainer-side engine of ``backend`` (rank 0 is the sender and drives the
+        engines through the client; the others join the gathers, and for ``ipc`` the handle all-gather)."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    def weight_buckets(self, bucket_bytes: int = 64 << 20) -> list[list[dict]]:
-        from dataclasses import asdict
+        from afd_ray.workers.transfer import EngineClient, LearnerSource, trainer_init_info
 
-        from afd_ray.workers.weight_sync import plan_buckets
-
-        named = [(n, getattr(p, "ds_shape", p.shape), p.dtype) for n, p in self._named_for_sync()]
-        return [[asdict(m) for m in b] for b in plan_buckets(named, bucket_bytes)]
-
-    def init_weight_sync(self, master_addr: str, port: int, world_size: int, backend: str = "gloo") -> None:
-        if self.rank == 0:
-            from afd_ray.workers.weight_sync import make_group
-
-            self._sync_group = make_group(master_addr, port, 0, world_size, backend)
+        info = trainer_init_info(backend, self.rank, master_addr, port, world_size, timeout_s or 600.0)
+        self._transfer = WeightTransferTrainerFactory.trainer_init(
+            info, client=EngineClient(engines, tp, timeout_s),
+            source=LearnerSource(self.engine.module, zero3=self.spec.zero_stage == 3))
 
     @torch.no_grad()
-    def broadcast_weights(self, buckets: list[list[dict]]) -> int:
-        """Send every bucket (rank 0). Under ZeRO-3 every rank joins the gather of each bucket."""
-        import deepspeed
-
-        from afd_ray.workers.weight_sync import send_bucket
-
-        module = self.engine.module
-        merged = hasattr(module, "merge_adapter")
-        if merged:
-            module.merge_adapter()
-        params = dict(self._named_for_sync())
-        try:
-            for bucket in buckets:
-                tensors = [params[m["name"]] for m in bucket]
-                with deepspeed.zero.GatheredParameters(tensors, enabled=self.spec.zero_stage == 3):
-                    if self.rank == 0:
-                        send_bucket(self._sync_group, [t.data for t in tensors], self.device)
-        finally:
-            if merged:
-                module.unmerge_adapter()
-        return sum(len(b) for b in buckets)
-
+    def send_weights(self, version: int) -> None:
+        """Every rank: one full update round; the engines record ``version`` (the learner step)."""
+        self.engine.eval()
+        self._transfer.client.version = version
+        self._transfer.send_weights()

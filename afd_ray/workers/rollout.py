@@ -1,4 +1,6 @@
-"""RolloutWorker: one vLLM engine per actor. Verbs: generate, prompt_logprobs, init_weight_sync, receive_weights."""
+"""RolloutWorker: one vLLM engine per actor. Verbs: generate, prompt_logprobs, sleep, wake_up, and vLLM's
+weight-transfer protocol (init_weight_transfer_engine, start_weight_update, update_weights,
+finish_weight_update, weight_version), driven by learner rank 0 (afd_ray/workers/transfer.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import os
 from afd_ray import faults
 from afd_ray.types import Samples, SamplingSpec
 
-EXTENSION = "afd_ray.workers.weight_sync.WeightSyncExtension"
+# importing it registers the gloo weight-transfer backend; the worker process imports it too (extension)
+EXTENSION = "afd_ray.workers.transfer.WorkerExtension"
 
 
 class RolloutWorker:
@@ -17,19 +20,29 @@ class RolloutWorker:
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
                  gpu_memory_utilization: float = 0.15, enforce_eager: bool = True, tensor_parallel_size: int = 1,
                  device: str = "cpu", omp_threads_bind: str = "auto", kv_cache_gb: float = 0.0,
-                 sleep_mode: bool = False):
+                 sleep_mode: bool = False, sync_backend: str = "gloo", sleep_level: int = 1):
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", omp_threads_bind)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from transformers import AutoConfig
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
+
+        from afd_ray.workers import transfer  # noqa: F401  (registers the gloo backend in this process)
 
         limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
         max_model_len = min(max_model_len, limit) if limit else max_model_len
-        self.tp = tensor_parallel_size
+        self.tp, self.sleep_level = tensor_parallel_size, sleep_level
+        # TP > 1 on GPUs: vLLM's Ray executor places the workers on the placement-group bundles named by
+        # VLLM_RAY_BUNDLE_INDICES (set by the placement plan; the actor holds no GPU itself, so it is named
+        # explicitly); on CPU, worker processes of this actor (left to itself, vLLM would pick Ray inside a
+        # capturing placement group)
+        executor = ("ray" if device != "cpu" else "mp") if tensor_parallel_size > 1 else None
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                        tensor_parallel_size=tensor_parallel_size, worker_extension_cls=EXTENSION,
+                       distributed_executor_backend=executor,
+                       weight_transfer_config=WeightTransferConfig(backend=sync_backend),
                        enable_prefix_caching=False, enable_sleep_mode=sleep_mode,
                        kv_cache_memory_bytes=int(kv_cache_gb * (1 << 30)) if kv_cache_gb else None)
 
@@ -62,8 +75,9 @@ class RolloutWorker:
         return result
 
     def sleep(self) -> None:
-        """Colocated on a GPU with the learners: free the KV cache and offload the weights while they train."""
-        self.llm.sleep(level=1)
+        """Colocated on a GPU with the learners: free the KV cache and offload the weights (level 1) or
+        drop them (level 2: the next wake-up must be followed by a weight sync) while they train."""
+        self.llm.sleep(level=self.sleep_level)
 
     def wake_up(self) -> None:
         self.llm.wake_up()
@@ -71,10 +85,24 @@ class RolloutWorker:
     def tensor_parallel_size(self) -> int:
         return self.tp
 
-    def init_weight_sync(self, master_addr: str, port: int, rank_offset: int, world_size: int,
-                         backend: str = "gloo") -> None:
-        self.llm.collective_rpc("init_weight_sync", args=(master_addr, port, rank_offset, world_size, backend))
+    # ---- vLLM's weight-transfer protocol (called by learner rank 0's trainer engine) -------------------------
 
-    def receive_weights(self, buckets: list[list[dict]]) -> int:
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
         self.llm.reset_prefix_cache()
-        return self.llm.collective_rpc("receive_weights", args=(buckets,))[0]
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, version: str | None = None) -> None:
+        self.llm.finish_weight_update(weight_version=version)
+
+    def weight_version(self) -> str | None:
+        return self.llm.get_weight_version()
+
+    def scale_weights(self, name_part: str, factor: float) -> int:
+        """Multiply the weights whose name holds ``name_part`` (tests: an engine with corrupted weights)."""
+        return sum(self.llm.collective_rpc("afd_scale_weights", args=(name_part, factor)))
