@@ -53,6 +53,10 @@ class System:
         self.rollout = self.policy = self.reward = self.reference = self.critic = None
 
         def learner(cls, role: str, **spec) -> ActorGroup:
+            """A DeepSpeed group of ``role``, with the memory and batching settings of its config section."""
+            section = getattr(cfg, role)
+            spec.update(zero_stage=section.zero_stage, micro_batch_size=section.micro_batch_size,
+                        gradient_checkpointing=section.gradient_checkpointing, offload=section.offload)
             return ActorGroup(cls, p, role, self.groups, LearnerSpec(paths[role], **spec, **common), ranked=True,
                               env=learner_env, timeout_s=timeout)
 
@@ -71,17 +75,11 @@ class System:
                                                               sleep_level=sleep_level)
             if "policy" in roles:
                 self.policy = learner(PolicyLearner, "policy", lr=cfg.policy.lr, warmup_steps=cfg.policy.warmup_steps,
-                                      weight_decay=cfg.policy.weight_decay, grad_clip=cfg.policy.grad_clip,
-                                      zero_stage=cfg.policy.zero_stage, micro_batch_size=cfg.policy.micro_batch_size,
-                                      gradient_checkpointing=cfg.policy.gradient_checkpointing,
-                                      offload=cfg.policy.offload)
+                                      weight_decay=cfg.policy.weight_decay, grad_clip=cfg.policy.grad_clip)
                 self.handles["policy"] = handles.PolicyGroup(self.policy)
             if "reward" in roles:
                 self.reward = learner(RewardLearner, "reward", lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip,
-                                      zero_stage=cfg.reward.zero_stage, micro_batch_size=cfg.reward.micro_batch_size,
-                                      freeze_layers=cfg.reward.freeze_layers,
-                                      gradient_checkpointing=cfg.reward.gradient_checkpointing,
-                                      offload=cfg.reward.offload)
+                                      freeze_layers=cfg.reward.freeze_layers)
                 self.handles["reward"] = handles.RewardGroup(self.reward)
             if "reference" in roles:
                 self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, paths["reference"],
@@ -92,10 +90,7 @@ class System:
                 from afd_ray.workers.critic import CriticLearner
 
                 self.critic = learner(CriticLearner, "critic", lr=cfg.critic.lr, grad_clip=cfg.policy.grad_clip,
-                                      zero_stage=cfg.critic.zero_stage, micro_batch_size=cfg.critic.micro_batch_size,
-                                      freeze_layers=cfg.reward.freeze_layers,
-                                      gradient_checkpointing=cfg.critic.gradient_checkpointing,
-                                      offload=cfg.critic.offload)
+                                      freeze_layers=cfg.reward.freeze_layers)
                 self.handles["critic"] = handles.CriticGroup(self.critic)
             for g in self.actor_groups:
                 g.ready(max(START_TIMEOUT_S, timeout) if timeout else None)
