@@ -106,6 +106,11 @@ class RolloutConfig:
     derived size counts the whole actor process's memory against the share."""
     enforce_eager: bool = True
     """Skip graph capture (faster start, needed on CPU)."""
+    max_num_batched_tokens: int = 0
+    """The engine's token budget per scheduler step; 0 = vLLM's default (4096 per engine on CPU). On CPU a
+    prompt that does not fit the rest of a step's budget waits for the next step instead of being prefilled
+    in chunks: vLLM rewinds a seeded request's generator after a partial prefill, which CPU generators
+    cannot do (``CPU Generator does not use offset``)."""
     sleep_level: Literal[1, 2] = 1
     """Colocated engines sleep while the learners train: 1 frees the KV cache and moves the weights to host
     memory; 2 drops the weights too (no host copy; the policy learner re-sends them before the next
@@ -175,7 +180,12 @@ class RewardConfig:
     replay_window: int = -1
     """Earlier iterations whose demo-vs-sample pairs are replayed; -1 = all (as the seeds' code), 0 = none."""
     epochs: int = 1
-    """Passes over the pair buffer per reward step."""
+    """Passes over the pair buffer per reward step (when updates_per_iteration = 0)."""
+    updates_per_iteration: int = 0
+    """Reward-model optimizer steps per iteration, on batches drawn from the replay window: this iteration's
+    pairs first, the rest at random from earlier ones. A fixed cost per iteration however long the replay
+    grows; 0 = ``epochs`` passes over the whole window (a cost that grows with every iteration under
+    replay_window = -1)."""
     batch_size: int = 32
     """Pairs per optimizer step of the reward model (the replay window is walked in such batches)."""
     warmup_iterations: int = 0
@@ -587,6 +597,11 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.reward.warmup_iterations < cfg.run.iterations,
          f"reward.warmup_iterations must be in [0, run.iterations), got {cfg.reward.warmup_iterations}")
     need(cfg.rollout.kv_cache_gb >= 0, f"rollout.kv_cache_gb must be >= 0, got {cfg.rollout.kv_cache_gb}")
+    need(cfg.reward.updates_per_iteration >= 0,
+         f"reward.updates_per_iteration must be >= 0 (0 = passes over the window), got "
+         f"{cfg.reward.updates_per_iteration}")
+    need(cfg.rollout.max_num_batched_tokens >= 0, f"rollout.max_num_batched_tokens must be >= 0 (0 = vLLM's default), "
+                                                  f"got {cfg.rollout.max_num_batched_tokens}")
     need(cfg.run.stop_after >= 0, f"run.stop_after must be >= 0, got {cfg.run.stop_after}")
     need(cfg.model.lora_r >= 0, f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
     if cfg.policy.algo in ("rloo", "grpo", "online_dpo") and cfg.run.method in ("irl", "aihf", "inverse_rlignment"):

@@ -135,8 +135,8 @@ def throughput(cfg: Config, samples, seqs: SequenceBatch, probe, m: dict[str, fl
         out["throughput/policy_tokens_per_s"] = learned / max(m["time/policy"], 1e-9)
     if "time/critic" in m:
         out["throughput/critic_tokens_per_s"] = learned / max(m["time/critic"], 1e-9)
-    if "time/reward" in m and "replay_pairs" in m:
-        pairs = m["replay_pairs"] * cfg.reward.epochs + m.get("preference_pairs", 0.0)
+    if "time/reward" in m and "reward/pairs" in m:
+        pairs = m["reward/pairs"] + m.get("preference_pairs", 0.0)
         out["throughput/reward_pairs_per_s"] = pairs / max(m["time/reward"], 1e-9)
     return out
 
@@ -152,11 +152,11 @@ def reward_step(t: int, cfg: Config, demos: list[Encoded], idx: list[int], sampl
         state.replay.add(t, [idx[k // n] for k in range(len(samples.response_ids))], samples.response_ids)
         window = state.replay.window(t, cfg.reward.replay_window)
         m["replay_pairs"] = float(len(window))
-        order = torch.randperm(len(window), generator=torch.Generator().manual_seed(cfg.run.seed + t)).tolist()
-        stats, used, skipped = {}, 0, 0.0
-        for _ in range(cfg.reward.epochs):
+        stats, used, skipped, pairs_seen = {}, 0, 0.0, 0
+        for order in reward_batches(window, t, cfg):
             for s in range(0, len(order), cfg.reward.batch_size):
                 chunk = [window[i] for i in order[s:s + cfg.reward.batch_size]]
+                pairs_seen += len(chunk)
                 pairs = PairReplay.batch(chunk, demos)
                 if prefs:
                     pairs = mix_preferences(pairs, [prefs[i] for i in state.pref_cursor.take(len(chunk))],
@@ -166,9 +166,27 @@ def reward_step(t: int, cfg: Config, demos: list[Encoded], idx: list[int], sampl
                 skipped += stats.get("nonfinite", 0.0)
         m.update({f"reward/{k}": v for k, v in stats.items()})
         m["reward/nonfinite"] = skipped  # updates of this step that DeepSpeed skipped for NaN/inf gradients
+        m["reward/pairs"] = float(pairs_seen)
         if prefs:
             m["preference_pairs"] = float(used)
     return m
+
+
+def reward_batches(window: list, t: int, cfg: Config) -> list[list[int]]:
+    """The reward step's passes as index orders into ``window``, each walked in batches of
+    ``reward.batch_size``: ``reward.epochs`` seeded shuffles of the whole window, or with
+    ``reward.updates_per_iteration = k`` one order of at most k batches: this iteration's pairs (shuffled),
+    then earlier ones at random, so the step costs the same in iteration 200 as in iteration 2."""
+    g = torch.Generator().manual_seed(cfg.run.seed + t)
+    k = cfg.reward.updates_per_iteration
+    if not k:
+        return [torch.randperm(len(window), generator=g).tolist() for _ in range(cfg.reward.epochs)]
+    new = [i for i, p in enumerate(window) if p[0] == t]
+    old = [i for i, p in enumerate(window) if p[0] != t]
+    take = [new[j] for j in torch.randperm(len(new), generator=g).tolist()]
+    take += [old[j] for j in torch.randperm(len(old), generator=g).tolist()]
+    take = take[:k * cfg.reward.batch_size]
+    return [[take[j] for j in torch.randperm(len(take), generator=g).tolist()]]
 
 
 def mix_preferences(demo_pairs: PairBatch, prefs: list, gamma: float, alpha: float) -> PairBatch:

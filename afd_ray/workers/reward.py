@@ -47,10 +47,15 @@ class RewardLearner(DeepSpeedRank):
 
         def micro(idx):
             idx = list(idx)
-            bc, empty = self._batch(chosen, idx)
-            br, _ = self._batch(rejected, idx)
-            rc = reward_forward(self.engine.module, bc.input_ids, bc.attention_mask)
-            rr = reward_forward(self.engine.module, br.input_ids, br.attention_mask)
+            # one forward per distinct sequence: a demonstration is paired with each of its prompt's n samples
+            # (and again in later iterations' replay), so it would otherwise be scored n times per micro-batch
+            keys = [(tuple(s.prompts[i]), tuple(s.responses[i])) for s in (chosen, rejected) for i in idx]
+            row = {k: j for j, k in enumerate(dict.fromkeys(keys))}
+            distinct = SequenceBatch([list(k[0]) for k in row], [list(k[1]) for k in row])
+            b, empty = self._batch(distinct, range(len(row)))
+            r = reward_forward(self.engine.module, b.input_ids, b.attention_mask)
+            at = torch.tensor([row[k] for k in keys] or [0, 0], device=r.device)
+            rc, rr = r[at[: len(at) // 2]], r[at[len(at) // 2:]]
             # an empty micro-batch scores one dummy pair at weight 0, so every rank runs the same collectives
             w = weight[[mine[i] for i in idx]].to(self.device) if not empty else torch.zeros(1, device=self.device)
             if loss == "pairwise":

@@ -20,7 +20,8 @@ class RolloutWorker:
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
                  gpu_memory_utilization: float = 0.15, enforce_eager: bool = True, tensor_parallel_size: int = 1,
                  device: str = "cpu", omp_threads_bind: str = "auto", kv_cache_gb: float = 0.0,
-                 sleep_mode: bool = False, sync_backend: str = "gloo", sleep_level: int = 1):
+                 sleep_mode: bool = False, sync_backend: str = "gloo", sleep_level: int = 1,
+                 max_num_batched_tokens: int = 0):
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", omp_threads_bind)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -38,13 +39,24 @@ class RolloutWorker:
         # explicitly); on CPU, worker processes of this actor (left to itself, vLLM would pick Ray inside a
         # capturing placement group)
         executor = ("ray" if device != "cpu" else "mp") if tensor_parallel_size > 1 else None
+        # Seeded sampling (every rollout is seeded) and chunked prefill cannot meet on CPU: after a partial
+        # prefill vLLM rewinds the request's generator (gpu_model_runner._bookkeeping_sync), which a CPU
+        # generator refuses. Without chunking a prompt that does not fit a step's budget waits for the next
+        # step; the budget must then hold the longest sequence.
+        budget = {}
+        if device == "cpu":
+            budget["enable_chunked_prefill"] = False
+            if max_num_batched_tokens:
+                budget["max_num_batched_tokens"] = max(max_num_batched_tokens, max_model_len)
+        elif max_num_batched_tokens:
+            budget["max_num_batched_tokens"] = max_num_batched_tokens
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                        tensor_parallel_size=tensor_parallel_size, worker_extension_cls=EXTENSION,
                        distributed_executor_backend=executor,
                        weight_transfer_config=WeightTransferConfig(backend=sync_backend),
                        enable_prefix_caching=False, enable_sleep_mode=sleep_mode,
-                       kv_cache_memory_bytes=int(kv_cache_gb * (1 << 30)) if kv_cache_gb else None)
+                       kv_cache_memory_bytes=int(kv_cache_gb * (1 << 30)) if kv_cache_gb else None, **budget)
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Samples:
         from vllm import SamplingParams, TokensPrompt
