@@ -176,25 +176,19 @@ def reward_batches(window: list, t: int, cfg: Config) -> list[list[int]]:
     """The reward step's passes as index orders into ``window``, each walked in batches of
     ``reward.batch_size``: ``reward.epochs`` seeded shuffles of the whole window, or with
     ``reward.updates_per_iteration = k`` one order of at most k batches: this iteration's pairs, then earlier
-    ones at random, so the step costs the same in iteration 200 as in iteration 2.
-
-    What is shuffled is the groups of pairs that share a demonstration (one prompt of one iteration: its
-    n samples), each kept together, so a micro-batch forwards that demonstration once, not n times."""
+    ones at random, so the step costs the same in iteration 200 as in iteration 2. Pairs are shuffled one by
+    one: keeping a demonstration's n pairs together would forward it once per micro-batch, but fewer
+    distinct demonstrations per batch slowed the reward model's learning on the toy (docs/LOG.md)."""
     g = torch.Generator().manual_seed(cfg.run.seed + t)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (it, demo, _) in enumerate(window):
-        groups.setdefault((it, demo), []).append(i)
-
-    def shuffled(keys: list) -> list[int]:
-        return [i for j in torch.randperm(len(keys), generator=g).tolist() for i in groups[keys[j]]]
-
     k = cfg.reward.updates_per_iteration
     if not k:
-        return [shuffled(list(groups)) for _ in range(cfg.reward.epochs)]
-    newest = shuffled([key for key in groups if key[0] == t]) + shuffled([key for key in groups if key[0] != t])
-    chosen = set(newest[:k * cfg.reward.batch_size])
-    groups = {key: [i for i in idx if i in chosen] for key, idx in groups.items() if chosen & set(idx)}
-    return [shuffled(list(groups))]
+        return [torch.randperm(len(window), generator=g).tolist() for _ in range(cfg.reward.epochs)]
+    new = [i for i, p in enumerate(window) if p[0] == t]
+    old = [i for i, p in enumerate(window) if p[0] != t]
+    take = [new[j] for j in torch.randperm(len(new), generator=g).tolist()]
+    take += [old[j] for j in torch.randperm(len(old), generator=g).tolist()]
+    take = take[:k * cfg.reward.batch_size]
+    return [[take[j] for j in torch.randperm(len(take), generator=g).tolist()]]
 
 
 def mix_preferences(demo_pairs: PairBatch, prefs: list, gamma: float, alpha: float) -> PairBatch:

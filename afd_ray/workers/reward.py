@@ -38,8 +38,7 @@ class RewardLearner(DeepSpeedRank):
         if loss not in ("pairwise", "discriminator"):
             raise ValueError(f"reward loss must be 'pairwise' or 'discriminator', got {loss!r}")
         n = len(pairs)
-        # a contiguous shard: the driver keeps the pairs of one demonstration together (forwarded once)
-        mine = list(range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size))
+        mine = list(range(self.rank, n, self.world_size))
         chosen = SequenceBatch([pairs.chosen.prompts[i] for i in mine], [pairs.chosen.responses[i] for i in mine])
         rejected = SequenceBatch([pairs.rejected.prompts[i] for i in mine],
                                  [pairs.rejected.responses[i] for i in mine])
