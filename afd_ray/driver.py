@@ -96,8 +96,11 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
     phase, m = Phases(), {"iteration": float(t)}
     idx = state.cursor.take(cfg.rollout.prompts_per_iteration)
     with phase("rollout"):
-        samples = c.rollout.generate([demos[i].prompt_ids for i in idx], sampling(cfg, t))
-        probe = c.rollout.generate([d.prompt_ids for d in heldout], sampling(cfg, -t, n=1)) if heldout else None
+        # the held-out probe rides in the same engine batches as the training samples
+        requests = [([demos[i].prompt_ids for i in idx], sampling(cfg, t))]
+        if heldout:
+            requests.append(([d.prompt_ids for d in heldout], sampling(cfg, -t, n=1)))
+        samples, probe = (c.rollout.generate_many(requests) + [None])[:2]
         c.rollout.sleep()  # colocated engines free the GPU for the learners (a no-op otherwise)
     seqs = sequences(samples)
     if learn_reward:

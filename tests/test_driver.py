@@ -21,6 +21,9 @@ class FakeRollout:
         responses = [[p[0], j] for p in prompt_ids for j in range(spec.n)]
         return Samples([list(p) for p in prompt_ids], responses, [[-1.0, -1.0] for _ in responses], spec.n)
 
+    def generate_many(self, requests):
+        return [self.generate(*r) for r in requests]
+
     def sleep(self):
         pass
 

@@ -97,10 +97,10 @@ def test_stop_resume_driver_killed_in_a_commit_and_extend_through_the_command_li
 
 def test_killed_rollout_engine_killed_learner_rank_and_hung_engine_are_recovered(toy_sft, tmp_path, uninterrupted):
     """One policy rank dies at the 3rd of its 4 mini-batch updates of iteration 1 (its peer is left in a
-    collective), the rollout engine at its 4th generate (iteration 2, the held-out probe, after the training
-    samples), an engine hangs in the sync check of iteration 3 (call_timeout_s=20). Each time the job
-    recreates every group from the last checkpoint and goes on by itself."""
-    fault = "policy.update@3=kill;rollout.generate@4=kill;rollout.prompt_logprobs@3=hang"
+    collective), the rollout engine at its 2nd generate (iteration 2's training samples and held-out probe),
+    an engine hangs in the sync check of iteration 3 (call_timeout_s=20). Each time the job recreates every
+    group from the last checkpoint and goes on by itself."""
+    fault = "policy.update@3=kill;rollout.generate@2=kill;rollout.prompt_logprobs@3=hang"
     p = cli(*toy(toy_sft, tmp_path, "faults", "run.max_restarts=3", "run.call_timeout_s=20"), fault=fault,
             fault_dir=tmp_path)
     assert p.returncode == 0 and "done:" in p.stdout, p.stderr[-3000:]

@@ -218,11 +218,13 @@ class SPIN(Baseline):
         cfg, policy, rollout = self.cfg, self.system.handles["policy"], self.system.handles["rollout"]
         m = {}
         demos = [self.train[i] for i in self.cursor.take(cfg.rollout.prompts_per_iteration)]
-        samples = rollout.generate([d.prompt_ids for d in demos], sampling(cfg, t))
+        requests = [([d.prompt_ids for d in demos], sampling(cfg, t))]
+        if self.heldout:
+            requests.append(([d.prompt_ids for d in self.heldout], sampling(cfg, -t, n=1)))
+        samples, probe = (rollout.generate_many(requests) + [None])[:2]
         seqs = _demo_vs_self(demos, samples.response_ids, samples.n)
         held = None
         if self.heldout:
-            probe = rollout.generate([d.prompt_ids for d in self.heldout], sampling(cfg, -t, n=1))
             held = _demo_vs_self(self.heldout, probe.response_ids, 1)
             held_before = seq_logp(policy.logprobs(held))
             if self.golden is not None:

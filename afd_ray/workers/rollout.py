@@ -58,21 +58,35 @@ class RolloutWorker:
                        enable_prefix_caching=False, enable_sleep_mode=sleep_mode,
                        kv_cache_memory_bytes=int(kv_cache_gb * (1 << 30)) if kv_cache_gb else None, **budget)
 
-    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Samples:
+    def generate(self, requests: list[tuple[list[list[int]], SamplingSpec] | None]) -> list[Samples | None]:
+        """Sample every request (prompts, spec) in one engine call, so requests with different specs (the
+        training samples and the held-out probe) share the engine's batches; one Samples per request."""
         from vllm import SamplingParams, TokensPrompt
 
         faults.point("rollout.generate")
-        # one seed per prompt: a single shared seed would give every prompt the same random stream
-        params = [SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
-                                 seed=None if spec.seed is None else spec.seed * 100_003 + i, logprobs=0)
-                  for i in range(len(prompt_ids))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        responses, logprobs = [], []
-        for out in outputs:
-            for c in out.outputs:
-                responses.append(list(c.token_ids))
-                logprobs.append([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
-        return Samples(prompt_ids=[list(p) for p in prompt_ids], response_ids=responses, logprobs=logprobs, n=spec.n)
+        prompts, params = [], []
+        for prompt_ids, spec in (r for r in requests if r is not None):
+            # one seed per prompt: a single shared seed would give every prompt the same random stream
+            prompts += [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+            params += [SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
+                                      max_tokens=spec.max_tokens, logprobs=0,
+                                      seed=None if spec.seed is None else spec.seed * 100_003 + i)
+                       for i in range(len(prompt_ids))]
+        outputs = iter(self.llm.generate(prompts, params, use_tqdm=False) if prompts else [])
+        result = []
+        for request in requests:
+            if request is None:
+                result.append(None)
+                continue
+            prompt_ids, spec = request
+            responses, logprobs = [], []
+            for _ in prompt_ids:
+                for c in next(outputs).outputs:
+                    responses.append(list(c.token_ids))
+                    logprobs.append([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
+            result.append(Samples(prompt_ids=[list(p) for p in prompt_ids], response_ids=responses,
+                                  logprobs=logprobs, n=spec.n))
+        return result
 
     def prompt_logprobs(self, sequences: list[list[int]], start: list[int]) -> list[list[float]]:
         """log pi(x_t | x_<t) for t >= start[i] of each sequence (the response part), as vLLM computes it."""
