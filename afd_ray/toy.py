@@ -110,7 +110,10 @@ def sft_from_scratch(out_dir, tokenizer_path, demos: list[Encoded], steps: int =
     """Build a tiny random Llama and behaviour-clone ``demos`` for ``steps`` AdamW steps, in-process.
 
     The toy's pi_SFT: deliberately short training, so it falls short of the expert (module docstring:
-    60 steps for ``toy``, 40 for ``toy-fixed``). Returns the HF-format folder.
+    60 steps for ``toy``, 40 for ``toy-fixed``). ``hidden_size=128`` with 20 steps is the LoRA variant:
+    at width 64 the model is 97% tied embeddings, which LoRA leaves alone, and what pi_SFT lacks sits
+    mostly there; at 128 the blocks carry enough of the rule for adapters on them to move it (docs/LOG.md).
+    Returns the HF-format folder.
     """
     from pathlib import Path
 
@@ -122,7 +125,7 @@ def sft_from_scratch(out_dir, tokenizer_path, demos: list[Encoded], steps: int =
 
     out = Path(out_dir)
     init = build_tiny_llama(out / "init", tokenizer_path, hidden_size=hidden_size, num_layers=num_layers,
-                            num_heads=hidden_size // 32, seed=seed)
+                            num_heads=hidden_size // 32, intermediate_size=2 * hidden_size, seed=seed)
     model = load_policy(str(init))
     tokenizer = load_tokenizer(str(init))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output folder (the model lands in OUT/sft)")
     p.add_argument("--fixed", action="store_true", help="the fixed-length variant (preset toy-fixed)")
     p.add_argument("--steps", type=int, default=0, help="SFT steps (default: 60, or 40 with --fixed)")
+    p.add_argument("--hidden-size", type=int, default=64, help="model width (128 with --steps 20: the pi_SFT "
+                   "for LoRA runs, model.lora_r=16)")
     p.add_argument("--demonstrations", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_path = smollm2_path()
     demos = make_demonstrations(load_tokenizer(str(tokenizer_path)), a.demonstrations, seed=a.seed, eos=not a.fixed)
     path = sft_from_scratch(a.out, tokenizer_path, demos, steps=a.steps or (40 if a.fixed else 60), batch_size=32,
-                            seed=a.seed)
+                            seed=a.seed, hidden_size=a.hidden_size)
     preset = "toy-fixed" if a.fixed else "toy"
     print(f"pi_SFT: {path}\nrun: python jobs/irl_ultrachat.py --config {preset} model.policy={path}")
     return 0

@@ -71,6 +71,17 @@ def toy_fixed_sft(tmp_path_factory, smollm2_dir, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def toy_fixed_lora_sft(tmp_path_factory, smollm2_dir, tokenizer):
+    """pi_SFT of the fixed-length toy for LoRA runs: width 128 (at 64 the model is 97% tied embeddings,
+    which LoRA leaves alone), 20 steps from scratch, golden ~0.66 (afd_ray/toy.py)."""
+    from afd_ray import toy
+
+    demos = toy.make_demonstrations(tokenizer, 1024, seed=0, eos=False)
+    return toy.sft_from_scratch(tmp_path_factory.mktemp("toy_fixed_lora"), smollm2_dir, demos, steps=20,
+                                batch_size=32, hidden_size=128)
+
+
+@pytest.fixture(scope="session")
 def toy_init(tmp_path_factory, smollm2_dir, tokenizer):
     """The toy task's pi_init for Inverse-RLignment: the same from-scratch run stopped at 40 steps. It
     has learned the digits but not the length or the parity rule (held-out golden reward ~0.45)."""

@@ -95,18 +95,28 @@ ONLINE_DPO = ("policy.algo=online_dpo", "policy.lr=1e-3", "policy.mini_batches=2
               "policy.rpo_alpha=2.0")
 
 
-@pytest.mark.parametrize("algo, overrides", [("rloo", ()), ("online_dpo", ONLINE_DPO)])
-def test_toy_fixed_irl_beats_sft_and_its_reward_model_learns_the_rule(ray_local, toy_fixed_sft, tokenizer, tmp_path,
-                                                                       algo, overrides):
+# LoRA on both learners (model.lora_r, seeds/000 App. E trains with LoRA): the adapters learn ~10x slower per
+# step than full weights here, so the reward model gets a 4x larger lr and the loop 24 iterations (docs/LOG.md)
+LORA = ("model.lora_r=16", "model.lora_alpha=32", "reward.lr=2e-3", "run.iterations=24")
+
+
+@pytest.mark.parametrize("algo, sft, overrides", [("online_dpo", "toy_fixed_sft", ONLINE_DPO),
+                                                  ("rloo-lora", "toy_fixed_lora_sft", LORA)])
+def test_toy_fixed_irl_beats_sft_and_its_reward_model_learns_the_rule(ray_local, tokenizer, tmp_path, request,
+                                                                       algo, sft, overrides):
     """The fixed-length toy: length carries no signal, so the reward model must learn the parity rule from
-    demonstrations vs samples alone, and the policy step must turn it into golden reward."""
+    demonstrations vs samples alone, and the policy step must turn it into golden reward. Full weights with
+    online DPO; LoRA policy and LoRA reward model with RLOO (full-weight RLOO: the `toy` test above), whose
+    merged weights pass the sync check after every policy step."""
     from afd_ray.eval.accuracy import hf_reward_scorer, load_preference_pairs, reward_accuracy
 
-    rd = run(load_config("toy-fixed", [f"model.policy={toy_fixed_sft}", f"run.output_dir={tmp_path}",
+    rd = run(load_config("toy-fixed", [f"model.policy={request.getfixturevalue(sft)}", f"run.output_dir={tmp_path}",
                                        f"run.name={algo}", *overrides]), echo=lambda *_: None)
     ms = rd.metrics()
     warm = [m for m in ms if "rollout/reward" not in m]  # reward warm-up: no policy step yet
     assert len(warm) == 3 and warm[-1]["heldout/reward_accuracy"] > 0.6  # demos told from pi_SFT's samples
+    synced = [m["sync/sync_logprob_diff"] for m in ms if "sync/sync_logprob_diff" in m]
+    assert len(synced) == len(ms) - 3 and max(synced) < 0.01  # every policy step's weights reached the engine
     sft, irl = ms[0]["golden/heldout_policy"], final_golden(rd)
     assert irl > sft + 0.08, f"{algo}: golden reward {sft:.3f} (SFT) -> {irl:.3f} (IRL), 256 held-out prompts"
     # the learned reward ranks unseen equal-length pairs ordered by the golden reward: it encodes the rule

@@ -45,7 +45,7 @@ class FakeEngines:
         assert not self.asleep, "asked to sample while asleep"
         assert self.version == self.learner.step, "asked to sample with stale weights"
         self.log.append("generate")
-        return [FakeRollout().generate(*a) for a in args if a is not None]
+        return [[FakeRollout().generate(*r) if r else None for r in a[0]] for a in args if a is not None]
 
 
 def colocated():
@@ -72,8 +72,9 @@ def test_warm_up_iterations_and_the_final_evaluation_sample_awake_and_current():
     for t in range(1, 5):
         irl_iteration(t, cfg, d, d[:2], c, state)
     evaluate_policy(cfg, d[:2], c)
-    # warm-up iterations 1-2 never sync: the next generate wakes the engines itself
-    assert engines.log[:7] == ["generate", "generate", "sleep", "wake_up", "generate", "generate", "sleep"]
+    # warm-up iterations 1-2 never sync: the next generate wakes the engines itself; the held-out probe
+    # is sampled in the same engine call as the training samples
+    assert engines.log[:5] == ["generate", "sleep", "wake_up", "generate", "sleep"]
     # iterations 3 and 4 step (4 mini-batches each) and sync once each
     assert engines.log.count("sync") == 2 and c.policy.step == 8
     assert engines.log[-2:] == ["wake_up", "generate"]  # the final evaluation, after the last sleep
@@ -138,3 +139,24 @@ def test_engines_that_drop_their_weights_in_sleep_are_synced_before_they_sample_
     assert c.rollout.stale  # no learner step happened, but the weights are gone
     c.rollout.generate([[1, 2]], SamplingSpec(n=1))
     assert engines.log == ["generate", "sleep", "wake_up", "sync", "generate"]
+
+
+def test_best_of_n_after_the_loop_wakes_the_engines_and_samples_current():
+    """Inverse-RLignment's RL stage then Best-of-N: the loop leaves the engines asleep after its last
+    update; Best-of-N's chunks go through the same pool, which wakes them and pushes the last update."""
+    from afd_ray.methods.irlignment import best_of_n
+
+    cfg = load_config("toy", ["model.policy=x", "rollout.prompts_per_iteration=3", "rollout.n=2",
+                              "run.iterations=1", "data.heldout=0"])
+    c, engines = colocated()
+    d = demos()
+    irl_iteration(1, cfg, d, [], c, LoopState(cursor=DataCursor(len(d), seed=0)))
+    c.policy.update(None)  # a last update whose sync never ran (e.g. the stage stopped right after it)
+    assert engines.asleep and c.rollout.stale
+    rows = best_of_n(c.rollout.generate, lambda seqs: torch.tensor([float(r[-1]) for r in seqs.responses]),
+                     [x.prompt_ids for x in d[:4]], [1, 2, 4], SamplingSpec(n=1, seed=3), prompt_batch=2,
+                     sample_chunk=2)
+    first = engines.log.index("generate", engines.log.index("sleep"))
+    assert engines.log[first - 2:first] == ["wake_up", "sync"] and "sleep" not in engines.log[first:]
+    assert engines.log[first:].count("generate") == 2 * 3  # 2 prompt batches x chunks of 1, 1 and 2 samples
+    assert sorted(rows) == [1, 2, 4] and not c.rollout.stale
