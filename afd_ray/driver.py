@@ -4,7 +4,7 @@ ones are Ray actor handles (``afd_ray.workers.handles``), driver-logic tests pas
     for t in iterations:
         y' ~ pi_t(.|x) for x in the next prompts                      rollout (vLLM)
         phi_{t+1} = argmin -log s(r(x, y*) - r(x, y'))  over replay     reward step (Eq. 21a)
-        r = r_phi_{t+1}(x, y'),  log pi_ref(y'|x)                       score, reference
+        r = r_phi_{t+1}(x, y'),  log pi_ref(y'|x)  (concurrently)       forward
         theta_{t+1}: max E[r] - beta KL(pi || pi_ref)                   policy step (Eq. 21b)
         sync theta_{t+1} -> vLLM, check;  log;  checkpoint
 """
@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from afd_ray.data.tokenize import Encoded, EncodedPreference
 from afd_ray.replay import DataCursor, PairReplay
 from afd_ray.runtime.guard import NonFiniteGuard, finite
 from afd_ray.types import PairBatch, SamplingSpec, SequenceBatch
+from afd_ray.workers.group import run_calls
 from afd_ray.workers.handles import WeightSyncError
 
 
@@ -37,6 +39,7 @@ class Collaborators:
     sync: Callable[[], dict[str, float]]  # push theta to the engines and check them
     golden: Callable[[list[list[int]], list[list[int]]], list[float]] | None = None
     critic: Any = None  # values(SequenceBatch) -> per-token lists; update(seqs, returns, old_values, clip, coef)
+    overlap: bool = True  # independent calls on different roles run at once (Plan.overlaps)
 
     @classmethod
     def of(cls, system, golden=None) -> Collaborators:
@@ -44,7 +47,7 @@ class Collaborators:
         h = system.handles
         return cls(rollout=h.get("rollout"), policy=h.get("policy"), reward=h.get("reward"),
                    reference=h.get("reference"), sync=system.sync.sync if system.sync else None, golden=golden,
-                   critic=h.get("critic"))
+                   critic=h.get("critic"), overlap=system.overlaps)
 
 
 @dataclass
@@ -127,8 +130,8 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
 def throughput(cfg: Config, samples, seqs: SequenceBatch, probe, m: dict[str, float]) -> dict[str, float]:
     """Tokens (or pairs) per second of each role in this iteration, from the phase times: rollout =
     generated tokens (training samples and the held-out probe); policy / critic = prompt + response tokens
-    of the iteration's sequences (x epochs) over the whole phase (old log-probs and values included; for
-    online_dpo, which trains on the selected pairs only, a rate of the phase, not of the update); reward =
+    of the iteration's sequences (x epochs) over the update phase (for online_dpo, which trains on the
+    selected pairs only, a rate of the phase, not of the update); reward =
     pairs processed; iteration = generated tokens over the whole iteration."""
     generated = sum(map(len, samples.response_ids)) + (sum(map(len, probe.response_ids)) if probe else 0)
     learned = sum(len(p) + len(r) for p, r in zip(seqs.prompts, seqs.responses)) * cfg.policy.epochs
@@ -209,21 +212,21 @@ def mix_preferences(demo_pairs: PairBatch, prefs: list, gamma: float, alpha: flo
 
 def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, phase: Phases,
                 guard: NonFiniteGuard, t: int) -> dict[str, float]:
-    """Score with r_phi_{t+1}, get log pi_ref, take the KL-regularised policy step (Eq. 21b), sync. A
+    """Score with r_phi_{t+1}, get log pi_ref (with the old log-probs and values where the algorithm
+    needs them: one phase, ``forward``, its calls at once where the roles do not share cores), take the KL-regularised policy step (Eq. 21b), sync. A
     non-finite reward or reference log-prob skips the step (nothing to sync: the engines stay current)."""
     m: dict[str, float] = {}
-    with phase("score"):
-        reward = c.reward.score(seqs)
-    with phase("reference"):
-        ref_logp = c.reference.logprobs(seqs)
+    steps = cfg.policy.epochs * cfg.policy.mini_batches
+    with phase("forward"):  # independent passes over the samples, each on its own actors: at once (GPUs)
+        reward, ref_logp, old, values = run_calls([
+            partial(c.reward.submit_score, seqs), partial(c.reference.submit_logprobs, seqs),
+            partial(c.policy.submit_logprobs, seqs) if cfg.policy.algo == "ppo" or steps > 1 else None,
+            partial(c.critic.submit_values, seqs) if cfg.critic.enabled else None], together=c.overlap)
     scored = guard.ok("score", t, finite(reward.tolist()), "rewards of the samples")
     referenced = guard.ok("reference", t, finite(x for row in ref_logp for x in row), "reference log-probs")
     if not (scored and referenced):
         return m
     with phase("policy"):  # Eq. 21b
-        steps = cfg.policy.epochs * cfg.policy.mini_batches
-        old = c.policy.logprobs(seqs) if cfg.policy.algo == "ppo" or steps > 1 else None
-        values = c.critic.values(seqs) if cfg.critic.enabled else None
         batch, credit = policy_batch(cfg.policy.algo, samples, reward, ref_logp, beta=cfg.policy.beta,
                                      kl_estimator=cfg.policy.kl_estimator, kl_in_reward=cfg.policy.kl_in_reward,
                                      clip_eps=cfg.policy.clip_eps, dual_clip=cfg.policy.dual_clip,

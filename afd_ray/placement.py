@@ -85,6 +85,13 @@ class Plan:
             return max(1, cores // max(len(slots), 1))
         return max(1, int(slots[0].resources.get("CPU", 1))) if slots else 1
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether actors of different roles can compute at once, each on its own share: not on the cpu
+        layout, where every role's actors take all of the node's cores (``omp_threads``) and two forward
+        passes at once oversubscribe them (1.6x slower than one after the other, docs/LOG.md)."""
+        return self.layout != "cpu"
+
     def gpus(self) -> float:
         return sum(b.get("GPU", 0) for bundles in self.groups.values() for b in bundles)
 

@@ -41,10 +41,14 @@ class FakeReward:
     def score(self, seqs):
         return torch.tensor([float(r[-1]) for r in seqs.responses])
 
+    submit_score = score  # a fake answers at once; gather passes results through
+
 
 class FakeReference:
     def logprobs(self, seqs):
         return [[-1.5] * len(r) for r in seqs.responses]
+
+    submit_logprobs = logprobs
 
 
 class FakePolicy:
@@ -57,6 +61,8 @@ class FakePolicy:
 
     def logprobs(self, seqs):
         return [[-1.0] * len(r) for r in seqs.responses]
+
+    submit_logprobs = logprobs
 
 
 def demos(k=10):

@@ -19,8 +19,10 @@ def test_cpu_layout_packs_every_actor_on_small_cpu_shares():
     assert [s.resources for slots in p.roles.values() for s in slots] == [{"CPU": 0.1}] * 5  # 0.5 of a core in all
     assert all(s.env == {} and s.workers == [s.bundle] for slots in p.roles.values() for s in slots)
     assert sync_backend(load_config("cpu")) == "gloo"
-    # phases run one at a time: each role's actors split the cores (Ray would give every actor one thread)
+    # phases run one at a time: each role's actors split the cores (Ray would give every actor one thread),
+    # and independent calls of different roles (score, reference) are made one after another too
     assert [p.omp_threads(r, 16) for r in ("policy", "reward", "reference")] == [8, 16, 16]
+    assert not p.overlaps
 
 
 def test_colocated_two_gpus_share_every_bundle():
@@ -34,7 +36,7 @@ def test_colocated_two_gpus_share_every_bundle():
 
 def test_separate_groups_on_eight_gpus():
     p = plan(load_config("ultrachat-8gpu"))
-    assert p.layout == "separate" and p.gpus() == 8
+    assert p.layout == "separate" and p.gpus() == 8 and p.overlaps  # score and reference at once
     assert len(p.groups["policy"]) == 4 and len(p.groups["rollout"]) == 2 and len(p.groups["reward"]) == 2
     # a reference replica on every policy GPU: 0.8 + 0.2 each
     assert [(s.group, s.bundle) for s in p.roles["reference"]] == [("policy", i) for i in range(4)]
@@ -158,7 +160,7 @@ def test_logical_gpus_use_the_separate_layout_and_compute_on_cpu():
     cfg = load_config("cpu", ["run.logical_gpus=true", "rollout.num_workers=2", "policy.world_size=2",
                               "reward.world_size=2"])
     p = plan(cfg)
-    assert p.layout == "separate" and p.gpus() == 6 and sync_backend(cfg) == "gloo"
+    assert p.layout == "separate" and p.gpus() == 6 and sync_backend(cfg) == "gloo" and p.overlaps
     assert [len(s) for s in p.roles.values()] == [2, 2, 2, 2]  # rollout, policy, reference, reward
     for bad, key in (("run.device=gpu", "run.device=gpu"), ("run.colocate=true", "run.colocate=true")):
         with pytest.raises(ConfigError, match=f"run.logical_gpus=true .* needs run.device=cpu and "

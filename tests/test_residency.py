@@ -26,6 +26,8 @@ class FakeLearner:
     def logprobs(self, seqs):
         return [[-1.0] * len(r) for r in seqs.responses]
 
+    submit_logprobs = logprobs
+
 
 class FakeEngines:
     """Stands in for the rollout ActorGroup: two engines that refuse to sample asleep or with weights older

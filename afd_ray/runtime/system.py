@@ -36,6 +36,7 @@ class System:
         from afd_ray.workers.rollout import RolloutWorker
 
         p = plan(cfg, roles)
+        self.overlaps = p.overlaps
         self.groups: dict = {}
         self.handles: dict = {}
         self.sync = None

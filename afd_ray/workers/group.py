@@ -1,13 +1,14 @@
 """ActorGroup: the actors of one role, placed by ``afd_ray.placement``, driven by fan-out calls.
 
-Submit to every rank and hand back ObjectRefs; callers ``ray.get`` once (Ray's "ray.get in a loop"
-anti-pattern is avoided by construction).
+Submit to every rank and hand back ObjectRefs (``Pending``); callers wait once, for several groups at a
+time with ``gather`` (Ray's "ray.get in a loop" anti-pattern is avoided by construction).
 """
 
 from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import ray
@@ -36,6 +37,43 @@ def wait_all(refs: list[ray.ObjectRef], timeout_s: float | None, what: str) -> l
             raise CallTimeout(f"{what}: no answer within run.call_timeout_s={timeout_s:g} s")
         ray.get(done[0])  # raises the call's error, if any
     return ray.get(list(refs))
+
+
+class Pending:
+    """Calls submitted to one group's actors and not yet waited for: ``result()`` waits for them
+    (``wait_all``, within the group's deadline) and returns ``convert`` of the answers, one per call."""
+
+    def __init__(self, refs: list[ray.ObjectRef], timeout_s: float | None, what: str,
+                 convert: Callable[[list[Any]], Any] = lambda answers: answers):
+        self.refs, self.timeout_s, self.what, self.convert = refs, timeout_s, what, convert
+
+    def then(self, convert: Callable[[Any], Any]) -> Pending:
+        """The same calls, their result passed through ``convert`` as well."""
+        first = self.convert
+        return Pending(self.refs, self.timeout_s, self.what, lambda answers: convert(first(answers)))
+
+    def result(self) -> Any:
+        return self.convert(wait_all(self.refs, self.timeout_s, self.what))
+
+
+def gather(*work: Pending | Any) -> list[Any]:
+    """Wait for the calls of several groups at once, so they run concurrently, and return each one's
+    result in order. The first failure raises at once; the deadline is the longest of theirs (none if any
+    has none). Anything that is not ``Pending`` is already a result (the driver's fakes) and passes through."""
+    pending = [w for w in work if isinstance(w, Pending)]
+    timeouts = [p.timeout_s for p in pending]
+    timeout = None if not timeouts or None in timeouts else max(timeouts)
+    wait_all([r for p in pending for r in p.refs], timeout, " + ".join(p.what for p in pending))
+    return [w.result() if isinstance(w, Pending) else w for w in work]
+
+
+def run_calls(calls: list[Callable[[], Pending | Any] | None], together: bool = True) -> list[Any]:
+    """Make each call (None: skipped, result None) and return the results in order: every call submitted
+    first and all waited for at once (``gather``), or with ``together=False`` each waited for before the
+    next is made, for actors that share the same cores (``Plan.overlaps``)."""
+    if together:
+        return gather(*[call() if call else None for call in calls])
+    return [gather(call())[0] if call else None for call in calls]
 
 
 def free_port() -> int:
@@ -118,14 +156,22 @@ class ActorGroup:
         """Call ``method`` on every actor with the same arguments; one ObjectRef per actor."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
+    def submit(self, method: str, *args, **kwargs) -> Pending:
+        """``run``, to be waited for later (``Pending.result``, ``gather``) within the group's deadline."""
+        return Pending(self.run(method, *args, **kwargs), self.timeout_s, f"{self.role}.{method}")
+
     def call(self, method: str, *args, **kwargs) -> list[Any]:
         """``run`` and wait for every rank, within the group's deadline."""
-        return wait_all(self.run(method, *args, **kwargs), self.timeout_s, f"{self.role}.{method}")
+        return self.submit(method, *args, **kwargs).result()
+
+    def submit_each(self, method: str, args: list[tuple | None]) -> Pending:
+        """Call ``method`` on actor i with ``args[i]`` (None: not at all); one answer per call made."""
+        refs = [getattr(a, method).remote(*x) for a, x in zip(self.actors, args) if x is not None]
+        return Pending(refs, self.timeout_s, f"{self.role}.{method}")
 
     def call_each(self, method: str, args: list[tuple | None]) -> list[Any]:
-        """Call ``method`` on actor i with ``args[i]`` (None: not at all) and wait, within the deadline."""
-        refs = [getattr(a, method).remote(*x) for a, x in zip(self.actors, args) if x is not None]
-        return wait_all(refs, self.timeout_s, f"{self.role}.{method}")
+        """``submit_each`` and wait, within the deadline."""
+        return self.submit_each(method, args).result()
 
     def ready(self, timeout_s: float | None) -> None:
         """Wait until every actor is constructed (model loaded, engine started)."""

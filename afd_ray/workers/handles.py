@@ -2,7 +2,9 @@
 
 Each handle turns one driver call into one fan-out (data put in the object store once, ObjectRefs to
 every rank) and one wait (``wait_all``: fails fast on a dead actor, raises ``CallTimeout`` past the
-group's deadline). Driver-logic tests pass fakes with the same methods instead.
+group's deadline). The forward passes come also as ``submit_*``: a ``Pending`` that the driver waits for
+together with other groups' (``gather``), so they run at once. Driver-logic tests pass fakes with the same
+methods instead (their ``submit_*`` return results, which ``gather`` passes through).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import ray
 import torch
 
 from afd_ray.types import PairBatch, PolicyBatch, Samples, SamplingSpec, SequenceBatch
-from afd_ray.workers.group import ActorGroup, unshard, wait_all
+from afd_ray.workers.group import ActorGroup, Pending, unshard, wait_all
 
 
 class WeightSyncError(RuntimeError):
@@ -132,21 +134,31 @@ class PolicyGroup(_LearnerGroup):
         self.step += 1
         return self.group.call("update", ray.put(batch))[0]
 
+    def submit_logprobs(self, seqs: SequenceBatch) -> Pending:
+        return self.group.submit("logprobs", ray.put(seqs)).then(unshard)
+
     def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
-        return unshard(self.group.call("logprobs", ray.put(seqs)))
+        return self.submit_logprobs(seqs).result()
 
 
 class RewardGroup(_LearnerGroup):
+    def submit_score(self, seqs: SequenceBatch) -> Pending:
+        return self.group.submit("score", ray.put(seqs)).then(
+            lambda parts: torch.tensor(unshard(parts), dtype=torch.float32))
+
     def score(self, seqs: SequenceBatch) -> torch.Tensor:
-        return torch.tensor(unshard(self.group.call("score", ray.put(seqs))), dtype=torch.float32)
+        return self.submit_score(seqs).result()
 
     def update(self, pairs: PairBatch, loss: str = "pairwise", margin: float = 0.0) -> dict[str, float]:
         return self.group.call("update", ray.put(pairs), loss, margin)[0]
 
 
 class CriticGroup(_LearnerGroup):
+    def submit_values(self, seqs: SequenceBatch) -> Pending:
+        return self.group.submit("values", ray.put(seqs)).then(unshard)
+
     def values(self, seqs: SequenceBatch) -> list[list[float]]:
-        return unshard(self.group.call("values", ray.put(seqs)))
+        return self.submit_values(seqs).result()
 
     def update(self, seqs: SequenceBatch, returns: list[list[float]], old_values: list[list[float]],
                clip: float = 0.0, coef: float = 1.0) -> dict[str, float]:
@@ -160,13 +172,15 @@ class Reference:
     def __init__(self, group: ActorGroup):
         self.group = group
 
-    def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
+    def submit_logprobs(self, seqs: SequenceBatch) -> Pending:
         k, n = self.group.world_size, len(seqs)
         bounds = [i * n // k for i in range(k + 1)]
-        parts = self.group.call_each("logprobs", [
+        return self.group.submit_each("logprobs", [
             (SequenceBatch(seqs.prompts[a:b], seqs.responses[a:b]),) if b > a else None
-            for a, b in zip(bounds, bounds[1:])])
-        return [row for part in parts for row in part]
+            for a, b in zip(bounds, bounds[1:])]).then(lambda parts: [row for part in parts for row in part])
+
+    def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
+        return self.submit_logprobs(seqs).result()
 
 
 class WeightSync:
