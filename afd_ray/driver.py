@@ -25,7 +25,7 @@ from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded, EncodedPreference
 from afd_ray.replay import DataCursor, PairReplay
 from afd_ray.runtime.guard import NonFiniteGuard, finite
-from afd_ray.types import PairBatch, SamplingSpec, SequenceBatch
+from afd_ray.types import PairBatch, Samples, SamplingSpec, SequenceBatch
 from afd_ray.workers.group import run_calls
 from afd_ray.workers.handles import WeightSyncError
 
@@ -88,6 +88,17 @@ def sampling(cfg: Config, t: int, n: int | None = None) -> SamplingSpec:
                         seed=cfg.run.seed * 1_000_003 + t)
 
 
+def sample_with_probe(rollout, cfg: Config, t: int, prompt_ids: list[list[int]],
+                      heldout: list[Encoded]) -> tuple[Samples, Samples | None]:
+    """Iteration t's n samples per prompt and, with held-out demonstrations, one sample per held-out
+    prompt (the probe; None without), in the same engine call so the probe rides in the same batches."""
+    requests = [(prompt_ids, sampling(cfg, t))]
+    if heldout:
+        requests.append(([d.prompt_ids for d in heldout], sampling(cfg, -t, n=1)))
+    samples, *probe = rollout.generate_many(requests)
+    return samples, (probe[0] if probe else None)
+
+
 def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encoded], c: Collaborators,
                   state: LoopState, learn_reward: bool = True, prefs: PreferenceData | None = None,
                   guard: NonFiniteGuard | None = None) -> dict[str, float]:
@@ -99,11 +110,7 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
     phase, m = Phases(), {"iteration": float(t)}
     idx = state.cursor.take(cfg.rollout.prompts_per_iteration)
     with phase("rollout"):
-        # the held-out probe rides in the same engine batches as the training samples
-        requests = [([demos[i].prompt_ids for i in idx], sampling(cfg, t))]
-        if heldout:
-            requests.append(([d.prompt_ids for d in heldout], sampling(cfg, -t, n=1)))
-        samples, probe = (c.rollout.generate_many(requests) + [None])[:2]
+        samples, probe = sample_with_probe(c.rollout, cfg, t, [demos[i].prompt_ids for i in idx], heldout)
         c.rollout.sleep()  # colocated engines free the GPU for the learners (a no-op otherwise)
     seqs = sequences(samples)
     if learn_reward:
@@ -213,8 +220,9 @@ def mix_preferences(demo_pairs: PairBatch, prefs: list, gamma: float, alpha: flo
 def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, phase: Phases,
                 guard: NonFiniteGuard, t: int) -> dict[str, float]:
     """Score with r_phi_{t+1}, get log pi_ref (with the old log-probs and values where the algorithm
-    needs them: one phase, ``forward``, its calls at once where the roles do not share cores), take the KL-regularised policy step (Eq. 21b), sync. A
-    non-finite reward or reference log-prob skips the step (nothing to sync: the engines stay current)."""
+    needs them: one phase, ``forward``, its calls at once where the roles do not share cores), take the
+    KL-regularised policy step (Eq. 21b), sync. A non-finite reward or reference log-prob skips the step
+    (nothing to sync: the engines stay current)."""
     m: dict[str, float] = {}
     steps = cfg.policy.epochs * cfg.policy.mini_batches
     with phase("forward"):  # independent passes over the samples, each on its own actors: at once (GPUs)

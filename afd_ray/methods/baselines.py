@@ -21,7 +21,7 @@ import torch
 from afd_ray.config import Config
 from afd_ray.data.build import build_data, build_preferences
 from afd_ray.data.tokenize import Encoded
-from afd_ray.driver import mean, preference_accuracy, preference_pairs, sampling, synced
+from afd_ray.driver import mean, preference_accuracy, preference_pairs, sample_with_probe, synced
 from afd_ray.eval.golden import load_golden
 from afd_ray.replay import DataCursor
 from afd_ray.runtime.guard import NonFiniteGuard
@@ -218,10 +218,7 @@ class SPIN(Baseline):
         cfg, policy, rollout = self.cfg, self.system.handles["policy"], self.system.handles["rollout"]
         m = {}
         demos = [self.train[i] for i in self.cursor.take(cfg.rollout.prompts_per_iteration)]
-        requests = [([d.prompt_ids for d in demos], sampling(cfg, t))]
-        if self.heldout:
-            requests.append(([d.prompt_ids for d in self.heldout], sampling(cfg, -t, n=1)))
-        samples, probe = (rollout.generate_many(requests) + [None])[:2]
+        samples, probe = sample_with_probe(rollout, cfg, t, [d.prompt_ids for d in demos], self.heldout)
         seqs = _demo_vs_self(demos, samples.response_ids, samples.n)
         held = None
         if self.heldout:

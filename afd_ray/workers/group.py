@@ -63,8 +63,8 @@ def gather(*work: Pending | Any) -> list[Any]:
     pending = [w for w in work if isinstance(w, Pending)]
     timeouts = [p.timeout_s for p in pending]
     timeout = None if not timeouts or None in timeouts else max(timeouts)
-    wait_all([r for p in pending for r in p.refs], timeout, " + ".join(p.what for p in pending))
-    return [w.result() if isinstance(w, Pending) else w for w in work]
+    answers = iter(wait_all([r for p in pending for r in p.refs], timeout, " + ".join(p.what for p in pending)))
+    return [w.convert([next(answers) for _ in w.refs]) if isinstance(w, Pending) else w for w in work]
 
 
 def run_calls(calls: list[Callable[[], Pending | Any] | None], together: bool = True) -> list[Any]:
