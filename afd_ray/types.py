@@ -66,6 +66,8 @@ class PolicyBatch:
     token_advantages: per sequence lists of per-token advantages (ppo with a critic; used instead of
     ``advantages``); returns: per-token value targets that came with them (for the critic's update);
     beta: the DPO beta (IPO's tau for loss_type "ipo"); loss_type: "dpo" or "ipo"; nll_coef: weight of the chosen responses' per-token NLL added to the DPO loss (RPO).
+    is_weight: per sequence lists of per-token importance weights min(pi_old / pi_engine, C) on the pg loss
+    (None: the samples came from pi_old itself).
     """
 
     objective: str
@@ -83,6 +85,7 @@ class PolicyBatch:
     dual_clip: float | None = None
     token_advantages: list[list[float]] | None = None
     returns: list[list[float]] | None = None
+    is_weight: list[list[float]] | None = None
 
     def split(self, parts: int) -> list[PolicyBatch]:
         """``parts`` mini-batches of contiguous rows (whole DPO pairs; with prompt-major samples and
@@ -102,6 +105,7 @@ class PolicyBatch:
                 ref_logp=None if self.ref_logp is None else self.ref_logp[lo:hi],
                 token_advantages=None if self.token_advantages is None else self.token_advantages[lo:hi],
                 returns=None if self.returns is None else self.returns[lo:hi],
+                is_weight=None if self.is_weight is None else self.is_weight[lo:hi],
                 ref_seq_logp=None if self.ref_seq_logp is None else self.ref_seq_logp[pick]))
         return out
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from afd_ray.config import Config, ConfigError, describe, field_docs, load_config, presets
+from afd_ray.config import Config, ConfigError, describe, field_docs, load_config, native_bf16, presets
 
 
 def test_presets_load():
@@ -76,7 +76,7 @@ def test_unknown_preset():
     (["sft.lr=-1e-5"], "sft.lr must be > 0"),
     (["critic.lr=0"], "critic.lr must be > 0"),
     (["policy.dpo_beta=0"], "policy.dpo_beta must be > 0"),
-    (["run.sync_check_tol=0"], "run.sync_check_tol must be > 0"),
+    (["run.sync_check_tol=-0.1"], "run.sync_check_tol must be > 0"),
     (["policy.rpo_alpha=-0.1"], "policy.rpo_alpha must be >= 0"),
     (["policy.weight_decay=-0.01"], "policy.weight_decay must be >= 0"),
     (["sft.weight_decay=-0.01"], "sft.weight_decay must be >= 0"),
@@ -153,18 +153,36 @@ def test_a_world_larger_than_the_cluster_is_refused(preset, overrides, cluster, 
     check_fits(plan(load_config("cpu")), {"CPU": 1.0})  # the CPU layout asks for 0.1 CPU per actor
 
 
+CPU_AUTO = "bfloat16" if native_bf16() else "float32"  # auto on this host's CPU
+
+
 @pytest.mark.parametrize("preset, overrides, dtype", [
-    (None, [], "float32"),                                     # the default: auto on run.device=cpu
+    (None, [], CPU_AUTO),                                      # the default: auto on run.device=cpu
     (None, ["run.device=gpu"], "bfloat16"),                    # auto on a GPU
     (None, ["run.device=gpu", "model.dtype=float16"], "float16"),
-    ("cpu", ["model.dtype=auto"], "float32"),
+    ("cpu", [], CPU_AUTO),
     ("tldr-ppo", ["model.dtype=auto"], "bfloat16"),
-    ("toy", [], "float32"),                                    # a preset that leaves the dtype out
+    ("toy", [], "float32"),                                    # pinned: its thresholds are float32 numbers
 ])
 def test_model_dtype_auto_resolves_to_the_device_dtype(preset, overrides, dtype):
     cfg = load_config(preset, overrides)
     assert cfg.model.dtype == dtype  # every reader gets a concrete dtype
     assert Config().model.dtype == "auto"
+    # and the sync check's tolerance follows the dtype, unless the preset sets its own
+    assert cfg.run.sync_check_tol == (0.01 if preset == "toy" else 0.05 if dtype == "float32" else 0.1)
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu sse avx2 avx512f avx512bw avx512_bf16 avx512_vnni", True),  # AMD Zen 4/5, Intel Cooper Lake
+    ("fpu sse avx2 avx512f amx_bf16 amx_tile", True),                  # Intel Sapphire Rapids
+    ("fpu sse avx2 fma avx512f avx512bw", False),                      # AVX-512 without bf16
+    ("fpu sse avx2 fma", False),
+])
+def test_native_bf16_reads_the_cpu_flags(tmp_path, flags, native):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert native_bf16(str(info)) is native
+    assert native_bf16(str(tmp_path / "absent")) is False  # not Linux: float32
 
 
 def test_memory_options_parse_and_offload_all_needs_zero3():

@@ -11,7 +11,7 @@ from afd_ray.config import load_config
 from afd_ray.data.tokenize import Encoded, EncodedPreference
 from afd_ray.driver import Collaborators, LoopState, irl_iteration, mix_preferences
 from afd_ray.replay import DataCursor, PairReplay
-from afd_ray.types import PairBatch, Samples, SequenceBatch
+from afd_ray.types import PairBatch, Samples, SamplingSpec, SequenceBatch
 
 
 class FakeRollout:
@@ -109,10 +109,17 @@ def test_reward_updates_per_iteration_bound_the_step_and_take_the_newest_pairs_f
         assert all(x in seen for x in newest)  # this iteration's 6 pairs, plus 2 drawn from earlier ones
     # updates_per_iteration = 0: a pass over the whole growing window
     cfg = load_config("toy", ["model.policy=x", "rollout.prompts_per_iteration=3", "rollout.n=2",
-                              "reward.batch_size=4"])
+                              "reward.batch_size=4", "reward.updates_per_iteration=0"])
     c.reward.batches.clear()
     m = irl_iteration(6, cfg, d, d[:2], c, state)
     assert m["reward/pairs"] == m["replay_pairs"] == 36.0 and len(c.reward.batches) == 9
+    # the default, -1: four times this iteration's batches (6 new pairs = 2 batches of 4 -> 8 batches)
+    cfg = load_config("toy", ["model.policy=x", "rollout.prompts_per_iteration=3", "rollout.n=2",
+                              "reward.batch_size=4"])
+    assert cfg.reward.updates_per_iteration == -1
+    c.reward.batches.clear()
+    m = irl_iteration(7, cfg, d, d[:2], c, state)
+    assert m["replay_pairs"] == 42.0 and m["reward/pairs"] == 32.0 and len(c.reward.batches) == 8
 
 
 def test_replay_window_all_and_newest():
@@ -180,3 +187,85 @@ def test_aihf_pair_weights_make_the_reward_loss_eq_24a():
     # gamma * -log s(1) + alpha * mean(-log s(-2), -log s(0))
     want = 0.3 * math.log1p(math.exp(-1.0)) + 0.7 * (math.log1p(math.exp(2.0)) + math.log(2)) / 2
     assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+class Done:
+    """What a submit hands back, already answered (the real one is a ``Pending`` of actor calls)."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def then(self, convert):
+        return Done(convert(self.answers))
+
+    def result(self):
+        return self.answers
+
+
+def test_async_rollout_samples_the_next_prompts_during_the_step_and_syncs_before_sampling():
+    overrides = ["model.policy=x", "rollout.prompts_per_iteration=2", "rollout.n=2", "run.iterations=3"]
+    d = demos()
+
+    def loop(*extra):
+        cfg = load_config("toy", overrides + list(extra))
+        c, log = fakes(), []
+        c.sync = lambda: log.append("sync") or {"sync_seconds": 0.0}
+        now = c.rollout.generate_many
+        c.rollout.generate_many = lambda reqs: log.append(("now", reqs[0][1].seed)) or now(reqs)
+        c.rollout.submit_many = lambda reqs: log.append(("ahead", reqs[0][1].seed)) or Done(now(reqs))
+        state = LoopState(cursor=DataCursor(len(d), seed=0))
+        return [irl_iteration(t, cfg, d, d[:2], c, state) for t in (1, 2, 3)], c, log, state
+
+    ms, c, log, state = loop("run.async_rollout=true")
+    # iteration t samples t+1's prompts after bringing the engines up to the learner, and trains on what
+    # was sampled during iteration t-1: one policy step off
+    assert log == [("now", 1), ("ahead", 2), "sync", ("ahead", 3), "sync"]
+    assert [m["rollout/policy_lag"] for m in ms] == [0.0, 1.0, 1.0]
+    assert state.ahead is None and state.engines_behind  # the last step's sync waits for the next sampler
+    assert all(b.is_weight is not None for b in c.policy.batches)  # pi_old / pi_engine on every pg batch
+    sync_ms, sync_c, sync_log, _ = loop()
+    assert sync_log == [("now", 1), "sync", ("now", 2), "sync", ("now", 3), "sync"]
+    # the same prompts in the same order, with the same seeds, as the synchronous loop
+    assert [b.seqs.prompts for b in c.policy.batches] == [b.seqs.prompts for b in sync_c.policy.batches]
+
+
+def test_async_loop_state_keeps_the_samples_drawn_ahead(tmp_path):
+    from afd_ray.driver import Ahead
+    from afd_ray.methods.irl import load_loop_state, save_loop_state
+    from afd_ray.runtime.guard import NonFiniteGuard
+
+    d, c = demos(), fakes()
+    answers = c.rollout.generate_many([([[1, 2], [3]], SamplingSpec(n=2, seed=5)), ([[4]], SamplingSpec(n=1))])
+    state = LoopState(cursor=DataCursor(len(d), seed=0), ahead=Ahead([3, 4], Done(answers), steps=2),
+                      policy_steps=3, engines_behind=True)
+    save_loop_state(tmp_path, state, 7, NonFiniteGuard(3))
+    loaded, _ = load_loop_state(tmp_path, 7)
+    assert loaded.ahead.idx == [3, 4] and loaded.ahead.result() == tuple(answers) and loaded.ahead.steps == 2
+    assert loaded.policy_steps == 3
+    assert not loaded.engines_behind  # the engines start from the checkpoint's policy
+
+
+def test_credit_importance_weights_are_truncated_and_the_kl_is_the_learners():
+    ref = [[-1.5, -1.5], [-2.0], [-1.0, -1.0], [-0.5]]
+    old = [[-1.0, -0.5], [-2.0], [-1.0, 1.0], [-0.5]]  # the learner's log-probs; the engine's: samples()
+    batch, stats = policy_batch("rloo", samples(), torch.tensor([1.0, 0.0, 2.0, 2.0]), ref, beta=0.5,
+                                old_logp=old, importance_cap=2.0)
+    w = batch.is_weight
+    assert w[0] == pytest.approx([1.0, math.exp(0.5)]) and w[1] == [1.0] and w[2] == [1.0, 2.0] and w[3] == [1.0]
+    assert stats["is_truncated"] == pytest.approx(1 / 6)  # exp(2) capped at 2
+    assert stats["kl"] == pytest.approx((1.5 + 0.0 + 2.0 + 0.0) / 4)  # sum_t (old - ref) per sequence, mean
+    assert [len(p.is_weight) for p in batch.split(2)] == [2, 2]
+    off, _ = policy_batch("rloo", samples(), torch.tensor([1.0, 0.0, 2.0, 2.0]), ref, beta=0.5, old_logp=old)
+    assert off.is_weight is None  # importance_cap = 0: the samples are taken as pi_old's own
+
+
+def test_ppo_loss_scales_each_token_by_its_importance_weight():
+    from afd_ray.algo.losses import ppo_clip_loss
+
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    adv, mask = torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
+    plain, _ = ppo_clip_loss(logp, logp.detach(), adv, mask)
+    weighted, _ = ppo_clip_loss(logp, logp.detach(), adv, mask, is_weight_BT=torch.tensor([[2.0, 0.5]]))
+    assert plain.item() == pytest.approx(-1.0) and weighted.item() == pytest.approx(-1.25)
+    (g,) = torch.autograd.grad(weighted, logp)
+    assert g[0].tolist() == pytest.approx([-1.0, -0.25])  # -w_t A_t / T

@@ -4,7 +4,7 @@ skipped, a resumed run) finds them awake and current. The pool is the real one; 
 the sync under it are named fakes that refuse to sample asleep or stale."""
 
 import torch
-from test_driver import FakeReference, FakeReward, FakeRollout, demos
+from test_driver import Done, FakeReference, FakeReward, FakeRollout, demos
 
 from afd_ray.config import load_config
 from afd_ray.driver import Collaborators, LoopState, evaluate_policy, irl_iteration
@@ -42,12 +42,12 @@ class FakeEngines:
         self.log.append(method)
         self.asleep = method == "sleep"
 
-    def call_each(self, method, args):
+    def submit_each(self, method, args):
         assert method == "generate"
         assert not self.asleep, "asked to sample while asleep"
         assert self.version == self.learner.step, "asked to sample with stale weights"
         self.log.append("generate")
-        return [[FakeRollout().generate(*r) if r else None for r in a[0]] for a in args if a is not None]
+        return Done([[FakeRollout().generate(*r) if r else None for r in a[0]] for a in args if a is not None])
 
 
 def colocated():

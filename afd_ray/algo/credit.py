@@ -38,7 +38,8 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
                  kl_estimator: str = "k1", kl_in_reward: bool = True, clip_eps: float = 0.2,
                                   dual_clip: float = 0.0, dpo_beta: float = 0.1, dpo_min_gap: float = 0.0, rpo_alpha: float = 0.0,
                  old_logp: list[list[float]] | None = None, values: list[list[float]] | None = None,
-                 gamma: float = 1.0, lam: float = 0.95) -> tuple[PolicyBatch, dict[str, float]]:
+                 gamma: float = 1.0, lam: float = 0.95,
+                 importance_cap: float = 0.0) -> tuple[PolicyBatch, dict[str, float]]:
     """Credit assignment for ``algo``. Returns the batch and the statistics it was built from.
 
     rloo / grpo / reinforce / ppo: with ``kl_in_reward`` the sequence reward becomes
@@ -50,15 +51,30 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
     ppo with ``values`` (a critic's V per response token): token rewards -beta * KL_t plus r at the last
     token, GAE(gamma, lam) advantages whitened over the batch; the batch also carries the returns (the
     critic's targets) in ``returns``.
+    With ``old_logp`` and ``importance_cap`` C > 0 the samples are treated as drawn by another policy mu
+    (the engine's ``samples.logprobs``: one step older under async rollout, other kernels): the pg loss
+    carries per-token weights min(pi_old / mu, C) (``PolicyBatch.is_weight``), and the KL to pi_ref is
+    estimated with pi_old's log-probs, the policy being regularised, instead of mu's.
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown policy algo {algo!r}; choose one of {ALGOS}")
     seqs = sequences(samples)
     logp_BT, mask_BT = ragged_to_padded(samples.logprobs)
+    is_weight, stats = None, {}
+    if old_logp is not None and importance_cap > 0:
+        old_BT, _ = ragged_to_padded(old_logp)
+        raw_BT = torch.exp((old_BT - logp_BT).clamp(-20.0, 20.0))
+        w_BT = raw_BT.clamp(max=importance_cap) * mask_BT
+        is_weight = [w_BT[i, : len(r)].tolist() for i, r in enumerate(old_logp)]
+        tokens = mask_BT.sum().clamp(min=1)
+        stats = {"is_weight": float(w_BT.sum() / tokens),
+                 "is_truncated": float(((raw_BT > importance_cap).float() * mask_BT).sum() / tokens),
+                 "engine_learner_logp_diff": float(((old_BT - logp_BT).abs() * mask_BT).sum() / tokens)}
+        logp_BT = old_BT  # the KL of the policy being regularised
     ref_BT, _ = ragged_to_padded(ref_logp)
     shaped_B = kl_shaped_reward(reward_B, logp_BT, ref_BT, mask_BT, beta, kl_estimator)
-    stats = {"reward": float(reward_B.mean()), "shaped_reward": float(shaped_B.mean()),
-             "kl": float(((logp_BT - ref_BT) * mask_BT).sum(1).mean())}
+    stats |= {"reward": float(reward_B.mean()), "shaped_reward": float(shaped_B.mean()),
+              "kl": float(((logp_BT - ref_BT) * mask_BT).sum(1).mean())}
     if algo == "online_dpo":
         sel = select_online_dpo_pairs(reward_B, samples.n, min_gap=dpo_min_gap)
         keep = [(int(c), int(r)) for c, r, v in zip(sel.chosen_P, sel.rejected_P, sel.valid_P) if v]
@@ -90,10 +106,11 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
         batch = PolicyBatch("pg", seqs, token_advantages=[white_BT[i, :k].tolist() for i, k in enumerate(lengths)],
                             old_logp=old_logp, ref_logp=ref_logp, kl_coef=0.0 if kl_in_reward else beta,
                             kl_estimator="k3" if not kl_in_reward else kl_estimator, clip_eps=clip_eps,
-                            dual_clip=dual_clip or None, returns=[ret_BT[i, :k].tolist() for i, k in enumerate(lengths)])
+                            dual_clip=dual_clip or None, returns=[ret_BT[i, :k].tolist() for i, k in enumerate(lengths)],
+                            is_weight=is_weight)
         return batch, stats
     batch = PolicyBatch("pg", seqs, advantages=adv_B, old_logp=old_logp,
                         ref_logp=ref_logp, kl_coef=0.0 if kl_in_reward else beta,
                         kl_estimator="k3" if not kl_in_reward else kl_estimator, clip_eps=clip_eps,
-                        dual_clip=dual_clip or None)
+                        dual_clip=dual_clip or None, is_weight=is_weight)
     return batch, stats

@@ -185,12 +185,18 @@ def ppo_clip_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     denom: float | torch.Tensor | None = None,
+    is_weight_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate (seeds/004 Protocol 4, lines 5-6), per token:
 
         rho_t = pi(y_t) / pi_old(y_t)
         l_t   = -min( rho_t A_t, clip(rho_t, 1 - eps, 1 + eps_high) A_t )
         dual clip (Ye et al.), for A_t < 0 only:  l_t = min(l_t, -c A_t),  c > 1.
+        behaviour correction:  l_t <- w_t l_t,  w_t = min(pi_old(y_t) / mu(y_t), C)  (is_weight_BT, constant)
+
+    The last line is not in the seeds, which sample from pi_old itself: mu is the engine that sampled (one
+    step older under async rollout, other kernels), pi_old the learner's proximal policy; truncated
+    importance sampling as in AReaL's decoupled objective (Fu et al. 2025) and TIS (Yao et al. 2025).
 
     logp_BT, old_logp_BT: (B, T) log-probs under the current and the sampling policy; advantage_BT: (B, T)
     (broadcast a sequence advantage with ``adv_B[:, None]``); mask_BT: (B, T). Token-level mean.
@@ -212,6 +218,8 @@ def ppo_clip_loss(
     loss_BT = torch.maximum(loss_unclipped, loss_clipped)
     if dual_clip is not None:
         loss_BT = torch.where(adv < 0, torch.minimum(loss_BT, -dual_clip * adv), loss_BT)
+    if is_weight_BT is not None:
+        loss_BT = loss_BT * is_weight_BT.detach().float()
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask_BT),

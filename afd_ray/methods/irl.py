@@ -14,28 +14,42 @@ import torch
 
 from afd_ray.config import Config
 from afd_ray.data.build import build_data, build_preferences
-from afd_ray.driver import Collaborators, LoopState, PreferenceData, evaluate_policy, irl_iteration
+from afd_ray.driver import Ahead, Collaborators, LoopState, PreferenceData, evaluate_policy, irl_iteration
 from afd_ray.eval.golden import load_golden
 from afd_ray.replay import DataCursor, PairReplay
 from afd_ray.runtime.guard import NonFiniteGuard
 from afd_ray.runtime.loop import drive
 from afd_ray.runtime.rundir import Checkpoint, RunDir
 from afd_ray.runtime.system import ROLES, System, ensure_ray
+from afd_ray.types import Samples
 
 LEARNERS = ("policy", "reward", "critic")
 
 
 def save_loop_state(tmp: Path, state: LoopState, t: int, guard: NonFiniteGuard) -> None:
+    """loop.pt; under run.async_rollout with the samples drawn for the next iteration (waited for here), so
+    a resumed run trains on the same samples as an uninterrupted one."""
+    ahead = None
+    if state.ahead is not None:
+        samples, probe = state.ahead.result()
+        ahead = {"idx": state.ahead.idx, "steps": state.ahead.steps, "samples": asdict(samples),
+                 "probe": asdict(probe) if probe is not None else None}
     torch.save({"cursor": asdict(state.cursor), "replay": state.replay.pairs, "iteration": t,
                 "pref_cursor": asdict(state.pref_cursor) if state.pref_cursor else None,
-                "nonfinite": guard.total}, tmp / "loop.pt")
+                "nonfinite": guard.total, "ahead": ahead, "policy_steps": state.policy_steps}, tmp / "loop.pt")
 
 
 def load_loop_state(path: Path, t: int) -> tuple[LoopState, dict[str, int]]:
-    """The loop state of a checkpoint and its non-finite skip counts."""
+    """The loop state of a checkpoint and its non-finite skip counts. The engines start from the
+    checkpoint's policy, so they are never behind after a load."""
     loop = torch.load(path / "loop.pt", weights_only=True)  # our own file, still never code
+    ahead = loop.get("ahead")
+    if ahead is not None:
+        probe = Samples(**ahead["probe"]) if ahead["probe"] is not None else None
+        ahead = Ahead(ahead["idx"], (Samples(**ahead["samples"]), probe), ahead["steps"])
     return (LoopState(cursor=DataCursor(**loop["cursor"]), replay=PairReplay([tuple(p) for p in loop["replay"]]),
-                      iteration=t, pref_cursor=DataCursor(**loop["pref_cursor"]) if loop.get("pref_cursor") else None),
+                      iteration=t, pref_cursor=DataCursor(**loop["pref_cursor"]) if loop.get("pref_cursor") else None,
+                      ahead=ahead, policy_steps=loop.get("policy_steps", 0)),
             loop.get("nonfinite", {}))
 
 

@@ -80,11 +80,16 @@ class RolloutPool:
         return self.generate_many([(prompt_ids, spec)])[0]
 
     def generate_many(self, requests: list[tuple[list[list[int]], SamplingSpec]]) -> list[Samples]:
-        """Sample several (prompts, spec) requests at once: each request's prompts are split over the
-        engines (contiguous chunks, so the order is kept) and every engine samples its share of all of them
-        in one batch, then the parts are merged per request. ``ready`` first (an iteration that skipped its
-        sync, e.g. a reward warm-up, left them asleep or stale). Engine i seeds its chunk of a request with
-        ``spec.seed + 7919 * i``, whatever else it samples alongside."""
+        """``submit_many`` and wait."""
+        return self.submit_many(requests).result()
+
+    def submit_many(self, requests: list[tuple[list[list[int]], SamplingSpec]]) -> Pending:
+        """Sample several (prompts, spec) requests at once, to be waited for later (a ``Pending`` of one
+        ``Samples`` per request): each request's prompts are split over the engines (contiguous chunks, so
+        the order is kept) and every engine samples its share of all of them in one batch, then the parts
+        are merged per request. ``ready`` first (an iteration that skipped its sync, e.g. a reward warm-up,
+        left them asleep or stale). Engine i seeds its chunk of a request with ``spec.seed + 7919 * i``,
+        whatever else it samples alongside."""
         self.ready()
         k = self.group.world_size
         per_engine: list[list] = [[] for _ in range(k)]
@@ -93,14 +98,17 @@ class RolloutPool:
                 chunk = prompt_ids[i * len(prompt_ids) // k:(i + 1) * len(prompt_ids) // k]
                 seed = None if spec.seed is None else spec.seed + 7919 * i
                 per_engine[i].append((chunk, SamplingSpec(**{**asdict(spec), "seed": seed})) if chunk else None)
-        parts = self.group.call_each("generate", [(reqs,) if any(reqs) else None for reqs in per_engine])
-        out = []
-        for j, (_, spec) in enumerate(requests):
-            mine = [p[j] for p in parts if p is not None and p[j] is not None]
-            out.append(Samples(prompt_ids=[x for s in mine for x in s.prompt_ids],
-                               response_ids=[r for s in mine for r in s.response_ids],
-                               logprobs=[lp for s in mine for lp in s.logprobs], n=spec.n))
-        return out
+
+        def merge(parts: list) -> list[Samples]:
+            out = []
+            for j, (_, spec) in enumerate(requests):
+                mine = [p[j] for p in parts if p is not None and p[j] is not None]
+                out.append(Samples(prompt_ids=[x for s in mine for x in s.prompt_ids],
+                                   response_ids=[r for s in mine for r in s.response_ids],
+                                   logprobs=[lp for s in mine for lp in s.logprobs], n=spec.n))
+            return out
+
+        return self.group.submit_each("generate", [(reqs,) if any(reqs) else None for reqs in per_engine]).then(merge)
 
 
 class _LearnerGroup:

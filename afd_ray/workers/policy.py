@@ -57,8 +57,9 @@ class PolicyLearner(DeepSpeedRank):
                 adv = (batch.advantages[[mine[i] for i in idx]] if not empty else torch.zeros(1)).to(self.device)
                 adv_BT = adv.view(-1, 1).expand_as(logp)
             old = pad_rows(batch.old_logp, idx, b) if batch.old_logp is not None else logp.detach()
+            w = pad_rows(batch.is_weight, idx, b) if batch.is_weight is not None and not empty else None
             loss, st = losses.ppo_clip_loss(logp, old, adv_BT, mask, batch.clip_eps,
-                                            dual_clip=batch.dual_clip, denom=denom)
+                                            dual_clip=batch.dual_clip, denom=denom, is_weight_BT=w)
             stats = {"clipfrac": float(st["clipfrac"]) * float(mask.sum()) / denom / self.world_size}
             if batch.ref_logp is not None:
                 kl = kl_per_token(logp, pad_rows(batch.ref_logp, idx, b), batch.kl_estimator)
