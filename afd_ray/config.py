@@ -200,7 +200,7 @@ class RewardConfig:
     replay_window: int = -1
     """Earlier iterations whose demo-vs-sample pairs are replayed; -1 = all (as the seeds' code), 0 = none."""
     epochs: int = 1
-    """Passes over the pair buffer per reward step (when updates_per_iteration = 0)."""
+    """Passes over the pair buffer per reward step; only with updates_per_iteration = 0 (a full-pass step)."""
     updates_per_iteration: int = -1
     """Reward-model optimizer steps per iteration, on batches drawn from the replay window: this iteration's
     pairs first, the rest at random from earlier ones (at most one pass over the window). A fixed cost per
@@ -598,6 +598,10 @@ def validate(cfg: Config) -> None:
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
     for key in ("policy.lr", "reward.lr", "sft.lr", "critic.lr", "policy.dpo_beta", "run.sync_check_tol"):  # after auto
         need(_get(cfg, key) > 0, f"{key} must be > 0, got {_get(cfg, key)}")
+    need(cfg.reward.epochs == 1 or cfg.reward.updates_per_iteration == 0,
+         f"reward.epochs={cfg.reward.epochs} counts passes over the whole replay window, which only a full-pass "
+         f"reward step makes: set reward.updates_per_iteration=0 with it (it is "
+         f"{cfg.reward.updates_per_iteration}: a fixed number of batches per iteration)")
     need(cfg.policy.importance_cap == 0 or cfg.policy.importance_cap >= 1,
          f"policy.importance_cap must be 0 (off) or >= 1 (a cap below 1 would shrink every weight), got "
          f"{cfg.policy.importance_cap}")

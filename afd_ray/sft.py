@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -323,6 +323,11 @@ def train_sft(cfg: Config, demos: list[Encoded], out_dir: str | Path, model_path
         tmp = out / ".model.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(Path(d) / "hf", tmp)
+        from afd_ray.runtime.card import write_model_card
+
+        write_model_card(tmp, replace(cfg, run=replace(cfg.run, method="sft")), "policy", model_path,
+                         {f"sft/{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)}, steps,
+                         out.name, unit="step")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -57,7 +57,8 @@ def test_one_spin_iteration_ranks_demonstrations_above_own_samples(ray_local, to
 
 def test_aihf_mixes_preferences_into_the_reward_step(ray_local, toy_sft, tmp_path):
     rd = run(toy(tmp_path, "aihf", "run.method=aihf", f"model.policy={toy_sft}", "run.iterations=3",
-                 "rollout.prompts_per_iteration=32", "reward.epochs=2", "reward.lr=1e-3", "data.heldout=64"),
+                 "rollout.prompts_per_iteration=32", "reward.epochs=2", "reward.updates_per_iteration=0",
+                 "reward.lr=1e-3", "data.heldout=64"),
              echo=lambda *_: None)
     ms = rd.metrics()
     assert [m["iteration"] for m in ms] == [1.0, 2.0, 3.0]

@@ -50,6 +50,24 @@ def test_each_demonstration_schema(tmp_path):
     assert demos[0].row == 1 and demos[5].row == 6  # jsonl rows are line numbers
 
 
+def test_local_tldr_and_hh_files_load_as_their_hub_adapters_give(tmp_path):
+    from afd_ray.data.readers import HUB_DEMOS
+    from afd_ray.data.schema import parse_demonstration
+
+    tldr = {"prompt": "SUBREDDIT: r/x\nPOST: long story\nTL;DR:", "label": " short story", "id": "t3_1"}
+    hh = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Help me.\n\nAssistant: Sure.",
+          "rejected": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Help me.\n\nAssistant: No."}
+    local = load_demonstrations(write_jsonl(tmp_path / "d.jsonl", [tldr, hh])).items
+    for row, name, got in [(tldr, "CarperAI/openai_summarize_tldr", local[0]), (hh, "Anthropic/hh-rlhf", local[1])]:
+        hub = parse_demonstration(HUB_DEMOS[name][1](row), name, 0)
+        assert (got.prompt, got.response) == (hub.prompt, hub.response), name
+    assert local[0].prompt == [{"role": "user", "content": tldr["prompt"]}] and local[0].response == " short story"
+    assert local[1].response == "Sure." and [m["role"] for m in local[1].prompt] == ["user", "assistant", "user"]
+    assert load_demonstrations(write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF])).items[0].response == "Blue."
+    with pytest.raises(DataError, match=r"d2.jsonl.*row 1.*'label'.*empty response"):
+        load_demonstrations(write_jsonl(tmp_path / "d2.jsonl", [{"prompt": "p", "label": " "}]))
+
+
 def test_json_and_parquet_files(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([GOOD, {"prompt": "a", "response": "b"}]))
     assert [d.response for d in load_demonstrations(tmp_path / "d.json").items] == ["Hello!", "b"]

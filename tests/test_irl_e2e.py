@@ -30,6 +30,11 @@ def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_sft, t
                  "reward_state", "loop.pt"):
         assert (last / part).exists(), part
     assert not (rd.ckpt / "iter_000001").exists()  # keep_checkpoints=1
+    for role in ("policy", "reward"):  # each HF folder carries its model card
+        card = (last / role / "README.md").read_text()
+        assert f"base_model: {toy_sft}" in card and "iteration 2" in card and "from_pretrained" in card
+        assert f"| heldout/reward_accuracy | {ms[-1]['heldout/reward_accuracy']:.4g} |" in card
+        assert "policy_algo" not in card and "algo: rloo" in card  # the config, as YAML
     report = (rd.path / "report.md").read_text()
     assert "Time per phase" in report and "final/heldout_policy" in report
     for m in ms:  # each rate is its role's work over its phase time: both give the same count

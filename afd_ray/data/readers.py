@@ -35,11 +35,13 @@ log = logging.getLogger(__name__)
 BAD_ROW_POLICIES = ("error", "skip")
 FILE_LIKE = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")  # treated as local paths, never Hub names
 
-# Hub datasets with a known layout: default split and a function mapping a raw row to our schema.
+# Hub datasets with a known layout: default split and a function mapping a raw row to our schema. The
+# schema itself recognises TL;DR (prompt/label) and HH-RLHF (chosen/rejected) rows, so a local copy of either
+# loads the same way; the adapters only drop the columns that are not read.
 HUB_DEMOS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "HuggingFaceH4/ultrachat_200k": ("train_sft", lambda r: {"messages": r["messages"]}),
-    "CarperAI/openai_summarize_tldr": ("train", lambda r: {"prompt": r["prompt"], "response": r["label"]}),
-    "Anthropic/hh-rlhf": ("train", lambda r: {"text": r["chosen"]}),  # the chosen side as demonstrations
+    "CarperAI/openai_summarize_tldr": ("train", lambda r: {"prompt": r["prompt"], "label": r["label"]}),
+    "Anthropic/hh-rlhf": ("train", lambda r: {"chosen": r["chosen"]}),  # the chosen side as demonstrations
 }
 HUB_PREFERENCES: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "Anthropic/hh-rlhf": ("test", lambda r: {"chosen": r["chosen"], "rejected": r["rejected"]}),

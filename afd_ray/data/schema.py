@@ -4,7 +4,10 @@ Demonstrations (y* = the last assistant turn):
   {"messages": [{"role": "user", "content": ...}, ..., {"role": "assistant", "content": y*}]}   UltraChat
   {"conversations": [{"from": "human", "value": ...}, ..., {"from": "gpt", "value": y*}]}       ShareGPT
   {"prompt": str | messages, "response": str}
+  {"prompt": str, "label": str}                                                     TL;DR (label = y*)
   {"text": "\n\nHuman: ...\n\nAssistant: y*"}                                                  HH-RLHF text
+  {"chosen": HH text | messages, "rejected": ...}          HH-RLHF pairs: the chosen side is the demonstration
+  {"prompt": str | messages, "chosen": str, "rejected": str}                 preference rows: likewise
 Preferences:
   {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}   RewardBench / UltraFeedback
   {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}                             HH-RLHF text
@@ -167,12 +170,24 @@ def parse_demonstration(data: Any, source: str, row: int | str | None) -> Demons
         prompt, response = r.split_last_assistant(key, r.messages(key, r.get(key, list)))
     elif "text" in data and "response" not in data:
         prompt, response = r.split_last_assistant("text", _hh(r, "text"))
+    elif "label" in data and "response" not in data:  # TL;DR: the reference summary is y*
+        prompt = r.check_prompt("prompt", r.messages("prompt", r.get("prompt", (str, list))))
+        response = r.check_response("label", r.get("label", str))
+    elif "chosen" in data and "response" not in data:  # preference rows (HH-RLHF, ...): the chosen side is y*
+        value = r.get("chosen", (str, list))
+        if "prompt" in data and isinstance(value, str):
+            prompt = r.check_prompt("prompt", r.messages("prompt", r.get("prompt", (str, list))))
+            response = r.check_response("chosen", value)
+        else:
+            prompt, response = r.split_last_assistant(
+                "chosen", _hh(r, "chosen") if isinstance(value, str) else r.messages("chosen", value))
     elif "prompt" in data or "response" in data:
         prompt = r.check_prompt("prompt", r.messages("prompt", r.get("prompt", (str, list))))
         response = r.check_response("response", r.get("response", str))
     else:
-        r.fail(None, f"no demonstration fields: expected 'messages', 'conversations', 'text' or "
-                     f"'prompt'+'response', got {sorted(data)}", "missing_field")
+        r.fail(None, f"no demonstration fields: expected 'messages', 'conversations', 'text', "
+                     f"'prompt'+'response', 'prompt'+'label' (TL;DR) or 'chosen' (preference rows), got {sorted(data)}",
+               "missing_field")
     return Demonstration(prompt, response, source, row)
 
 

@@ -24,6 +24,7 @@ from afd_ray.data.tokenize import Encoded
 from afd_ray.driver import mean, preference_accuracy, preference_pairs, sample_with_probe, synced
 from afd_ray.eval.golden import load_golden
 from afd_ray.replay import DataCursor
+from afd_ray.runtime.card import write_model_card
 from afd_ray.runtime.guard import NonFiniteGuard
 from afd_ray.runtime.loop import drive
 from afd_ray.runtime.rundir import Checkpoint, RunDir
@@ -72,6 +73,7 @@ class Baseline:
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite)
         self.system = None
         self.cursor = None
+        self.metrics: dict[str, float] = {}
 
     # the recipe's own parts (and self.train, the items its data cursor walks)
     def paths(self, model: str) -> dict[str, str]: ...
@@ -104,11 +106,14 @@ class Baseline:
         m = {"iteration": float(t)} | self.step(t)
         key = f"{self.learner}/nonfinite"
         self.guard.ok(self.learner, t, m.get(key, 0.0) == 0.0, f"{self.learner} loss or gradients")
-        return m | self.guard.metrics()
+        self.metrics = m | self.guard.metrics()
+        return self.metrics
 
     def save(self, tmp: Path) -> dict[str, dict[int, dict[str, int]]]:
         written = self.system.handles[self.learner].save(str(tmp / f"{self.learner}_state"), str(tmp / self.learner),
                                                          self.start_path)
+        write_model_card(tmp / self.learner, self.cfg, self.learner, self.start_path, self.metrics,
+                         int(self.metrics.get("iteration", 0)), self.rd.path.name)
         torch.save({"cursor": asdict(self.cursor), "nonfinite": self.guard.total}, tmp / "loop.pt")
         return {self.learner: written}
 

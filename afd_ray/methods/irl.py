@@ -17,6 +17,7 @@ from afd_ray.data.build import build_data, build_preferences
 from afd_ray.driver import Ahead, Collaborators, LoopState, PreferenceData, evaluate_policy, irl_iteration
 from afd_ray.eval.golden import load_golden
 from afd_ray.replay import DataCursor, PairReplay
+from afd_ray.runtime.card import write_model_card
 from afd_ray.runtime.guard import NonFiniteGuard
 from afd_ray.runtime.loop import drive
 from afd_ray.runtime.rundir import Checkpoint, RunDir
@@ -81,6 +82,7 @@ class IRL:
         self.system = None
         self.state = None
         self.c = None
+        self.metrics: dict[str, float] = {}
 
     def start(self, last: Checkpoint | None) -> None:
         paths = dict(self.paths)
@@ -103,12 +105,16 @@ class IRL:
         self.c = Collaborators.of(self.system, self.golden)
 
     def iteration(self, t: int) -> dict[str, float]:
-        return irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state, learn_reward=self.learn_reward,
-                             prefs=self.prefs, guard=self.guard)
+        self.metrics = irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state,
+                                     learn_reward=self.learn_reward, prefs=self.prefs, guard=self.guard)
+        return self.metrics
 
     def save(self, tmp: Path) -> dict[str, dict[int, dict[str, int]]]:
         written = {role: self.system.handles[role].save(str(tmp / f"{role}_state"), str(tmp / role), self.initial)
                    for role in self.learners}
+        for role in self.learners:
+            write_model_card(tmp / role, self.cfg, role, self.paths[role], self.metrics, self.state.iteration,
+                             self.rd.path.name)
         save_loop_state(tmp, self.state, self.state.iteration, self.guard)
         return written
 

@@ -74,7 +74,7 @@ class System:
                     device=cfg.run.device, omp_threads_bind=f"0-{cores - 1}" if cpu else "auto",
                     kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate, sync_backend=backend,
                     sleep_level=sleep_level, max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
-                    timeout_s=timeout)
+                    env=threads("rollout"), timeout_s=timeout)
                 self.handles["rollout"] = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate,
                                                               sleep_level=sleep_level)
             if "policy" in roles:
