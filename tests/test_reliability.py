@@ -118,10 +118,11 @@ def test_killed_rollout_engine_killed_learner_rank_and_hung_engine_are_recovered
 
 def test_nan_in_synced_weights_and_in_rewards_is_skipped_counted_then_stops_cleanly(toy_sft, tmp_path):
     """The weights an engine receives at the 2nd sync turn NaN once: the sync check fails on it, the sync
-    is repeated and counted. From the 5th scoring call (iteration 3) the reward model outputs NaN: the policy
+    is repeated and counted. From the 3rd scoring call (iteration 3: one per iteration, the held-out
+    diagnostics' scores ride in it) the reward model outputs NaN: the policy
     step is skipped and counted, no checkpoint is written over the last good one, and the second skip in a
     row (run.max_nonfinite=2) stops the run with an error naming the role and the iteration."""
-    fault = "rollout.receive_weights@2=nan;reward.score@5=nan+"
+    fault = "rollout.receive_weights@2=nan;reward.score@3=nan+"
     p = cli(*toy(toy_sft, tmp_path, "nan", "run.max_nonfinite=2"), fault=fault, fault_dir=tmp_path)
     assert p.returncode == 3, p.stderr[-3000:]
     assert "score: non-finite rewards of the samples at iteration 4, 2 steps in a row" in p.stderr
