@@ -328,9 +328,9 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
             m.update({f"critic/{k}": v for k, v in stats.items()})
     if state is not None:
         state.policy_steps += 1
-    if cfg.run.async_rollout and state is not None:
-        state.engines_behind = True
-        return m, extra
+        if cfg.run.async_rollout:
+            state.engines_behind = True
+            return m, extra
     with phase("sync"):
         m.update({f"sync/{k}": v for k, v in synced(c, guard, t).items()})
     return m, extra

@@ -63,13 +63,14 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
     is_weight, stats = None, {}
     if old_logp is not None and importance_cap > 0:
         old_BT, _ = ragged_to_padded(old_logp)
-        raw_BT = torch.exp((old_BT - logp_BT).clamp(-20.0, 20.0))
+        log_ratio_BT = old_BT - logp_BT
+        raw_BT = torch.exp(log_ratio_BT.clamp(-20.0, 20.0))
         w_BT = raw_BT.clamp(max=importance_cap) * mask_BT
         is_weight = [w_BT[i, : len(r)].tolist() for i, r in enumerate(old_logp)]
         tokens = mask_BT.sum().clamp(min=1)
         stats = {"is_weight": float(w_BT.sum() / tokens),
                  "is_truncated": float(((raw_BT > importance_cap).float() * mask_BT).sum() / tokens),
-                 "engine_learner_logp_diff": float(((old_BT - logp_BT).abs() * mask_BT).sum() / tokens)}
+                 "engine_learner_logp_diff": float((log_ratio_BT.abs() * mask_BT).sum() / tokens)}
         logp_BT = old_BT  # the KL of the policy being regularised
     ref_BT, _ = ragged_to_padded(ref_logp)
     shaped_B = kl_shaped_reward(reward_B, logp_BT, ref_BT, mask_BT, beta, kl_estimator)
