@@ -119,14 +119,13 @@ def pack(seqs: list[tuple[list[int], list[int]]], max_len: int, pad_id: int) -> 
 
 
 def _forward_logp(engine, batch, packed: bool):
-    from afd_ray.algo.masked import token_logprobs
+    from afd_ray.models.loading import response_logprobs
 
     if packed:
-        out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask.to(engine.module.dtype),
-                     position_ids=batch.position_ids)
-        return token_logprobs(out.logits[:, :-1], batch.input_ids[:, 1:]), batch.loss_mask
-    out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return token_logprobs(out.logits[:, :-1], batch.input_ids[:, 1:]), batch.shifted_mask.float()
+        return response_logprobs(engine.module, batch.input_ids, batch.attention_mask.to(engine.module.dtype),
+                                 batch.loss_mask, position_ids_BT=batch.position_ids), batch.loss_mask
+    mask = batch.shifted_mask.float()
+    return response_logprobs(engine.module, batch.input_ids, batch.attention_mask, mask), mask
 
 
 def _make_batch(seqs, job: SFTJob, device):

@@ -118,9 +118,8 @@ def sft_from_scratch(out_dir, tokenizer_path, demos: list[Encoded], steps: int =
     from pathlib import Path
 
     from afd_ray.algo.losses import sft_loss
-    from afd_ray.algo.masked import token_logprobs
     from afd_ray.data.tokenize import collate
-    from afd_ray.models.loading import load_policy, load_tokenizer, save_model
+    from afd_ray.models.loading import load_policy, load_tokenizer, response_logprobs, save_model
     from afd_ray.models.tiny import build_tiny_llama
 
     out = Path(out_dir)
@@ -133,8 +132,7 @@ def sft_from_scratch(out_dir, tokenizer_path, demos: list[Encoded], steps: int =
     for _ in range(steps):
         idx = torch.randint(0, len(demos), (batch_size,), generator=g).tolist()
         b = collate([demos[i].prompt_ids for i in idx], [demos[i].response_ids for i in idx], tokenizer.pad_token_id)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-        loss = sft_loss(token_logprobs(logits, b.input_ids[:, 1:]), b.shifted_mask)
+        loss = sft_loss(response_logprobs(model, b.input_ids, b.attention_mask, b.shifted_mask), b.shifted_mask)
         opt.zero_grad()
         loss.backward()
         opt.step()

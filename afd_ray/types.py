@@ -52,6 +52,11 @@ class SequenceBatch:
     def shard(self, rank: int, world_size: int) -> SequenceBatch:
         return SequenceBatch(self.prompts[rank::world_size], self.responses[rank::world_size])
 
+    def by_length(self) -> list[int]:
+        """Indices from shortest to longest sequence (stable): micro-batches cut from this order carry the
+        least padding (W1's 128 samples on SmolLM2: forward + backward 25.3 s -> 21.6 s, docs/LOG.md)."""
+        return sorted(range(len(self)), key=lambda i: len(self.prompts[i]) + len(self.responses[i]))
+
 
 @dataclass
 class PolicyBatch:

@@ -202,3 +202,51 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(tiny_llama_di
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for name, g in grads[False].items():
         assert torch.allclose(grads[True][name], g, atol=1e-6), name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("lora", [None, LoraSpec(r=4, alpha=8)])
+def test_response_logprobs_split_off_the_output_layer_match_the_full_logits(arch, lora):
+    """The output layer on the response positions only gives the full logits' log-probs and gradients."""
+    from afd_ray.algo.masked import token_logprobs
+    from afd_ray.models.loading import apply_lora, output_layer_splits, response_logprobs
+
+    ids = torch.tensor([[1, 5, 9, 11, 20, 21, 2], [1, 7, 30, 2, 0, 0, 0]])
+    attn = (torch.arange(7) < torch.tensor([[7], [4]])).long()
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0]])  # responses on the next-token grid
+    grads, logps = [], []
+    for split in (True, False):
+        model = _tiny(arch, "lm")
+        if lora:
+            torch.manual_seed(1)
+            model = apply_lora(model, lora)
+        assert output_layer_splits(model.get_base_model() if lora else model)
+        if split:
+            logp = response_logprobs(model, ids, attn, mask)
+        else:
+            logp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:]) * mask
+        (logp * mask).sum().backward()
+        logps.append(logp)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert (logps[0][mask == 0] == 0).all() and (logps[0][mask == 1] < 0).all()
+    assert torch.allclose(logps[0], logps[1], atol=1e-5)
+    for name, g in grads[1].items():
+        assert torch.allclose(grads[0][name], g, atol=1e-5), name
+
+
+def test_response_logprobs_keep_the_full_logits_where_they_are_not_the_output_layer():
+    """Gemma-2 soft-caps its logits after the output layer: the split is refused and the values stay right."""
+    import transformers
+
+    from afd_ray.algo.masked import token_logprobs
+    from afd_ray.models.loading import output_layer_splits, response_logprobs
+
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, head_dim=32, intermediate_size=128,
+                                       max_position_embeddings=64, final_logit_softcapping=0.5)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert not output_layer_splits(model)
+    ids, mask = torch.tensor([[1, 5, 9, 11]]), torch.tensor([[0, 1, 1]])
+    full = token_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:]) * mask
+    assert torch.allclose(response_logprobs(model, ids, torch.ones_like(ids), mask), full)

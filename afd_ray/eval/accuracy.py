@@ -87,9 +87,8 @@ def hf_reward_scorer(path: str, pad_token_id: int, batch_size: int = 16, device:
 
 def sequence_logprobs(path: str, pad_token_id: int, batch_size: int = 16, device: str = "cpu"):
     """log pi(y | x) summed over response tokens, of a causal LM, in-process."""
-    from afd_ray.algo.masked import token_logprobs
     from afd_ray.data.tokenize import collate
-    from afd_ray.models.loading import load_policy
+    from afd_ray.models.loading import load_policy, response_logprobs
 
     model = load_policy(path).to(device).eval()
 
@@ -98,10 +97,8 @@ def sequence_logprobs(path: str, pad_token_id: int, batch_size: int = 16, device
         out = []
         for i in range(0, len(prompts), batch_size):
             b = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_token_id)
-            lp = token_logprobs(model(input_ids=b.input_ids.to(device),
-                                      attention_mask=b.attention_mask.to(device)).logits[:, :-1],
-                                b.input_ids[:, 1:].to(device))
-            out += (lp * b.shifted_mask.to(device)).sum(1).tolist()
+            mask = b.shifted_mask.to(device)
+            out += response_logprobs(model, b.input_ids.to(device), b.attention_mask.to(device), mask).sum(1).tolist()
         return out
 
     return logp

@@ -198,6 +198,56 @@ def reward_forward(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
     return reward_head(model)(pooled_BH).squeeze(-1).float()
 
 
+def response_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, mask_BT: torch.Tensor,
+                      position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(x_{t+1} | x_{<=t}) of a causal LM where ``mask_BT`` is 1, 0 elsewhere: (B, T-1) float32.
+
+    mask_BT: (B, T-1) on the next-token grid (``TokenBatch.shifted_mask``: the response tokens).
+    attention_mask_BT / position_ids_BT: passed to the model as they are (a 4-D mask for packed rows).
+    The output layer and the float32 log-softmax over the vocabulary run on the masked positions only,
+    gathered into one contiguous (N, H) matrix: prompt and padding positions cost nothing past the last
+    hidden state. On W1 (SmolLM2-135M bf16, 2 CPU cores, 128 sequences about half prompt) forward + backward
+    took 36.8 s with the full logits and 25.3 s so (docs/LOG.md). A model whose logits are not its output
+    layer applied to its backbone's last hidden state (soft-capped or scaled logits) gets the full logits;
+    this is checked once per model (``output_layer_splits``, which the learners and the reference call when
+    they load it).
+    """
+    from afd_ray.algo.masked import token_logprobs
+
+    base = getattr(model, "get_base_model", lambda: model)()
+    mask = mask_BT.bool()
+    extra = {} if position_ids_BT is None else {"position_ids": position_ids_BT}
+    if not output_layer_splits(base):
+        logits = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **extra).logits[:, :-1]
+        return token_logprobs(logits, input_ids_BT[:, 1:]).masked_fill(~mask, 0.0)
+    hidden_BTH = getattr(base, base.base_model_prefix)(input_ids=input_ids_BT, attention_mask=attention_mask_BT,
+                                                        **extra).last_hidden_state
+    rows, cols = mask.nonzero(as_tuple=True)
+    logits_NV = base.get_output_embeddings()(hidden_BTH[rows, cols])  # (N, H) gathered: one contiguous GEMM
+    logp_N = token_logprobs(logits_NV.unsqueeze(1), input_ids_BT[rows, cols + 1].unsqueeze(1)).squeeze(1)
+    return torch.zeros(mask.shape, dtype=logp_N.dtype, device=logp_N.device).index_put((rows, cols), logp_N)
+
+
+def output_layer_splits(base) -> bool:
+    """Whether ``base``'s logits are its output layer applied to its backbone's last hidden state, tested
+    once on six tokens (False for soft-capped or scaled logits, a missing backbone attribute, ...)."""
+    if not hasattr(base, "_afd_output_layer_splits"):
+        backbone, head = getattr(base, getattr(base, "base_model_prefix", ""), None), base.get_output_embeddings()
+        ok = backbone is not None and head is not None
+        if ok:
+            device = next(base.parameters()).device
+            ids = (torch.arange(6, device=device) % base.config.vocab_size).view(1, -1)
+            was_training = base.training
+            base.eval()
+            with torch.no_grad():
+                full = base(input_ids=ids).logits.float()
+                split = head(backbone(input_ids=ids).last_hidden_state).float()
+            base.train(was_training)
+            ok = full.shape == split.shape and torch.allclose(full, split, rtol=1e-3, atol=1e-3)
+        base._afd_output_layer_splits = ok
+    return base._afd_output_layer_splits
+
+
 def token_values(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
     """A critic's V at every position: the scalar head on each hidden state. Returns (B, T) float32
     (V[:, t] values the state after token t, i.e. before token t + 1 is generated)."""

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from afd_ray.algo.masked import token_logprobs
 from afd_ray.data.tokenize import TokenBatch, collate
 from afd_ray.types import SequenceBatch
 
@@ -146,6 +145,10 @@ class DeepSpeedRank:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config)
         self.device = self.engine.device
+        if self.KIND == "policy":
+            from afd_ray.models.loading import output_layer_splits
+
+            output_layer_splits(getattr(model, "get_base_model", lambda: model)())  # once, before any step
         self.steps = 0
         self._tokenizers: dict[str, object] = {}
         self._offloaded: list | None = None  # what offload_states moved to CPU memory, until reload_states
@@ -189,9 +192,11 @@ class DeepSpeedRank:
         return t
 
     def _token_logp(self, b: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T-1) log pi of each next token and the response mask aligned with it."""
-        logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-        return token_logprobs(logits, b.input_ids[:, 1:]), b.shifted_mask.float()
+        """(B, T-1) log pi of each response token (0 elsewhere) and the response mask aligned with it."""
+        from afd_ray.models.loading import response_logprobs
+
+        mask = b.shifted_mask.float()
+        return response_logprobs(self.engine.module, b.input_ids, b.attention_mask, mask), mask
 
     def _step(self, losses_fn, n_local: int) -> dict[str, float]:
         """Forward/backward every micro-batch (``losses_fn(idx) -> (loss, stats)``), then one optimizer step."""

@@ -20,12 +20,13 @@ class PolicyLearner(DeepSpeedRank):
         """Per-token log pi over each response of this rank's shard (``rank::world_size``)."""
         self.engine.eval()
         mine = seqs.shard(self.rank, self.world_size)
-        out = []
+        order, out = mine.by_length(), [None] * len(mine)
         for idx in self._micro_batches(len(mine)):
-            b, empty = self._batch(mine, idx)
+            rows = [order[i] for i in idx]
+            b, empty = self._batch(mine, rows)
             logp, mask = self._token_logp(b)
-            if not empty:
-                out += [lp[m.bool()].tolist() for lp, m in zip(logp, mask)]
+            for j, lp, m in zip(rows, logp, mask):
+                out[j] = lp[m.bool()].tolist()
         return out
 
     # ---- policy update --------------------------------------------------------------------------------------
@@ -36,7 +37,9 @@ class PolicyLearner(DeepSpeedRank):
         if batch.objective == "dpo":
             return self._update_dpo(batch)
         n = len(batch.seqs)
-        mine = list(range(self.rank, n, self.world_size))
+        # this rank's sequences, shortest first (one optimizer step: the order of micro-batches is free)
+        local = list(range(self.rank, n, self.world_size))
+        mine = [local[i] for i in batch.seqs.shard(self.rank, self.world_size).by_length()]
         seqs = SequenceBatch([batch.seqs.prompts[i] for i in mine], [batch.seqs.responses[i] for i in mine])
         n_tokens = self._all_reduce([sum(len(r) for r in seqs.responses)])[0]
         denom = n_tokens / self.world_size  # DeepSpeed averages over ranks: scale back to a global mean

@@ -20,12 +20,13 @@ class RewardLearner(DeepSpeedRank):
 
         self.engine.eval()
         mine = seqs.shard(self.rank, self.world_size)
-        out = []
+        order, out = mine.by_length(), [0.0] * len(mine)
         for idx in self._micro_batches(len(mine)):
-            b, empty = self._batch(mine, idx)
+            rows = [order[i] for i in idx]
+            b, empty = self._batch(mine, rows)
             r = reward_forward(self.engine.module, b.input_ids, b.attention_mask)
-            if not empty:
-                out += r.tolist()
+            for j, v in zip(rows, r.tolist()):
+                out[j] = v
         return faults.corrupt("reward.score", torch.tensor(out)).tolist()  # tests: a reward model gone NaN
 
     def update(self, pairs: PairBatch, loss: str = "pairwise", margin: float = 0.0) -> dict[str, float]:
