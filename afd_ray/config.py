@@ -48,7 +48,9 @@ class ModelConfig:
     reference: str = ""
     """Reference policy pi_ref for the KL leash; empty = the initial policy."""
     reward: str = ""
-    """Backbone of the reward model r_phi (a causal LM or a saved reward model); empty = the initial policy."""
+    """Backbone of the reward model r_phi (a causal LM or a saved reward model); empty = the initial policy.
+    run.method=rlhf: the frozen reward model (a saved *ForSequenceClassification); empty = the rule rewards of
+    reward.functions alone, and no reward actor."""
     sft: str = ""
     """pi_SFT (an HF path). inverse_rlignment: empty = train it first from model.policy with the `sft`
     section (a Ray Train job). spin, dpo, ipo, bt_rm start from it when given, else from model.policy."""
@@ -222,6 +224,20 @@ class RewardConfig:
     """aihf: weight gamma of the demonstration-vs-sample pairs in the reward step (seeds/004 Eq. 24a)."""
     preference_weight: float = 1.0
     """aihf: weight alpha of the preference pairs in the reward step (seeds/004 Eq. 24a)."""
+    functions: list[str] = field(default_factory=list)
+    """Rule rewards added to the reward model's score in the policy step (afd_ray.rewards): `module:function`
+    entries, `f(prompts, responses, tokenizer) -> list[float]` on token ids (as run.golden_reward); with
+    run.method=rlhf and no model.reward they are the whole reward. Each one's mean is logged as rules/<name>."""
+    function_weights: list[float] = field(default_factory=list)
+    """Weight of each reward.functions entry; empty = 1 each."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of a response cut at rollout.max_new_tokens (no end-of-sequence token), as
+    TRL's missing_eos_penalty and the TL;DR PPO setups; 0 = off."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: the last this many tokens before rollout.max_new_tokens cost up to
+    reward.overlong_penalty_factor, linearly; 0 = off."""
+    overlong_penalty_factor: float = 1.0
+    """The overlong punishment at rollout.max_new_tokens (reward.overlong_buffer)."""
     world_size: int = 1
     """DeepSpeed ranks of the reward learner group."""
     zero_stage: Literal[2, 3] = 2
@@ -321,9 +337,10 @@ class CriticConfig:
 
 @dataclass
 class RunConfig:
-    method: Literal["irl", "sft", "inverse_rlignment", "spin", "aihf", "dpo", "ipo", "bt_rm"] = "irl"
+    method: Literal["irl", "sft", "inverse_rlignment", "spin", "aihf", "dpo", "ipo", "bt_rm", "rlhf"] = "irl"
     """Which recipe runs (DESIGN.md Sec. 1): irl (bi-level loop), sft, inverse_rlignment (SFT ->
-    discriminator RM -> Best-of-N), and the baselines spin, dpo, ipo, bt_rm, aihf."""
+    discriminator RM -> Best-of-N), the baselines spin, dpo, ipo, bt_rm, aihf, and rlhf: RL on a fixed reward
+    (seeds/004 Protocol 3), the frozen model.reward and/or the rule rewards of reward.functions."""
     iterations: int = 3
     """Outer iterations K of the bi-level loop."""
     seed: int = 0
@@ -332,6 +349,12 @@ class RunConfig:
     """Parent folder of run directories."""
     name: str = ""
     """Run directory name; empty = method + timestamp."""
+    wandb_project: str = ""
+    """Weights & Biases project: when set, the run's config, every metric of metrics.jsonl (x-axis:
+    iteration, or step for SFT) and the report's plots also go to wandb (afd_ray.telemetry); empty = off."""
+    wandb_mode: Literal["", "online", "offline"] = ""
+    """wandb mode: offline writes the run under RUN_DIR/wandb (`wandb sync` uploads it later) and needs no
+    network or account; empty = wandb's own default (WANDB_MODE, else online)."""
     device: Literal["cpu", "gpu"] = "cpu"
     """cpu: gloo and vLLM-CPU; gpu: NCCL and CUDA vLLM."""
     colocate: bool = False
@@ -643,7 +666,8 @@ def validate(cfg: Config) -> None:
                                                   f"got {cfg.rollout.max_num_batched_tokens}")
     need(cfg.run.stop_after >= 0, f"run.stop_after must be >= 0, got {cfg.run.stop_after}")
     need(cfg.model.lora_r >= 0, f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
-    if cfg.policy.algo in ("rloo", "grpo", "online_dpo") and cfg.run.method in ("irl", "aihf", "inverse_rlignment"):
+    if cfg.policy.algo in ("rloo", "grpo", "online_dpo") and cfg.run.method in ("irl", "aihf", "inverse_rlignment",
+                                                                                 "rlhf"):
         need(cfg.rollout.n >= 2, f"policy.algo={cfg.policy.algo} compares samples of a prompt: rollout.n must be "
                                  f">= 2, got {cfg.rollout.n}")
     for key in ("sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.num_workers", "sft.checkpoint_every",
@@ -664,6 +688,18 @@ def validate(cfg: Config) -> None:
                                        f"policy.algo={cfg.policy.algo}")
     if cfg.run.method in ("aihf", "dpo", "ipo", "bt_rm"):
         need(bool(cfg.data.preferences), f"run.method={cfg.run.method} needs preference data: set data.preferences")
+    need(not cfg.reward.function_weights or len(cfg.reward.function_weights) == len(cfg.reward.functions),
+         f"reward.function_weights has {len(cfg.reward.function_weights)} weights for "
+         f"{len(cfg.reward.functions)} reward.functions (empty = 1 each)")
+    need(cfg.reward.overlong_buffer >= 0 and cfg.reward.missing_eos_penalty >= 0,
+         "reward.overlong_buffer and reward.missing_eos_penalty must be >= 0 (the penalty is subtracted)")
+    need(cfg.reward.overlong_buffer <= cfg.rollout.max_new_tokens,
+         f"reward.overlong_buffer ({cfg.reward.overlong_buffer}) must be at most rollout.max_new_tokens "
+         f"({cfg.rollout.max_new_tokens})")
+    if cfg.run.method == "rlhf":
+        need(bool(cfg.model.reward or cfg.reward.functions),
+             "run.method=rlhf trains on a fixed reward: set model.reward (a *ForSequenceClassification reward "
+             "model) and/or reward.functions")
     if cfg.run.logical_gpus:
         need(cfg.run.device == "cpu" and not cfg.run.colocate,
              f"run.logical_gpus=true lays the actors out on logical GPUs while they compute on CPU: it needs "
@@ -674,8 +710,8 @@ def validate(cfg: Config) -> None:
     if cfg.run.async_rollout:
         need(not cfg.run.colocate, "run.async_rollout=true samples while the learners train, so engines and learners "
                                    "need their own GPUs: set run.colocate=false")
-        need(cfg.run.method in ("irl", "aihf", "inverse_rlignment"),
-             f"run.async_rollout=true is for the IRL loop (run.method irl, aihf, inverse_rlignment), got "
+        need(cfg.run.method in ("irl", "aihf", "inverse_rlignment", "rlhf"),
+             f"run.async_rollout=true is for the RL loop (run.method irl, aihf, inverse_rlignment, rlhf), got "
              f"run.method={cfg.run.method}")
         need(cfg.policy.algo != "online_dpo", "run.async_rollout=true corrects the policy gradient by importance "
                                                "weights; policy.algo=online_dpo has none: use rloo, grpo, reinforce or ppo")

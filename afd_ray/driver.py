@@ -34,20 +34,21 @@ from afd_ray.workers.handles import WeightSyncError
 class Collaborators:
     rollout: Any  # generate(prompt_ids, SamplingSpec) -> Samples; sleep() (woken by sync)
     policy: Any  # update(PolicyBatch) -> stats; logprobs(SequenceBatch) -> per-token lists
-    reward: Any  # update(PairBatch, loss, margin) -> stats; score(SequenceBatch) -> (B,) tensor
+    reward: Any  # update(PairBatch, loss, margin) -> stats; score(SequenceBatch) -> (B,) tensor; None: rules only
     reference: Any  # logprobs(SequenceBatch) -> per-token lists
     sync: Callable[[], dict[str, float]]  # push theta to the engines and check them
     golden: Callable[[list[list[int]], list[list[int]]], list[float]] | None = None
     critic: Any = None  # values(SequenceBatch) -> per-token lists; update(seqs, returns, old_values, clip, coef)
     overlap: bool = True  # independent calls on different roles run at once (Plan.overlaps)
+    rules: Any = None  # afd_ray.rewards.RuleRewards: (prompts, responses) -> ((B,) rewards, metrics), added
 
     @classmethod
-    def of(cls, system, golden=None) -> Collaborators:
+    def of(cls, system, golden=None, rules=None) -> Collaborators:
         """The real collaborators: the handles of an ``afd_ray.runtime.system.System``."""
         h = system.handles
         return cls(rollout=h.get("rollout"), policy=h.get("policy"), reward=h.get("reward"),
                    reference=h.get("reference"), sync=system.sync.sync if system.sync else None, golden=golden,
-                   critic=h.get("critic"), overlap=system.overlaps)
+                   critic=h.get("critic"), overlap=system.overlaps, rules=rules)
 
 
 @dataclass
@@ -162,7 +163,7 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
         m["rollout/response_length"] = sum(map(len, samples.response_ids)) / len(samples.response_ids)
         if c.golden is not None:
             m["golden/train_samples"] = mean(c.golden(seqs.prompts, seqs.responses))
-        if probe is not None:
+        if probe is not None and (c.reward is not None or c.golden is not None):
             m.update(heldout_diagnostics(heldout, probe.response_ids, c, held_scores))
         if prefs is not None and prefs.heldout:
             m.update({f"heldout/{k}": v for k, v in preference_accuracy(c.reward, prefs.heldout).items()})
@@ -291,10 +292,19 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
                                                                 seqs.responses + also_score.responses)
     with phase("forward"):  # independent passes over the samples, each on its own actors: at once (GPUs)
         reward, ref_logp, old, values = run_calls([
-            partial(c.reward.submit_score, scored_seqs), partial(c.reference.submit_logprobs, seqs),
+            partial(c.reward.submit_score, scored_seqs) if c.reward is not None else None,
+            partial(c.reference.submit_logprobs, seqs),
             partial(c.policy.submit_logprobs, seqs) if own_logp else None,
             partial(c.critic.submit_values, seqs) if cfg.critic.enabled else None], together=c.overlap)
-    reward, extra = reward[:len(seqs)], (reward[len(seqs):] if also_score is not None else None)
+        if reward is None:  # rule rewards alone (rlhf without a reward model)
+            reward, extra = torch.zeros(len(seqs)), None
+        else:
+            reward, extra = reward[:len(seqs)], (reward[len(seqs):] if also_score is not None else None)
+            m["reward/model_score"] = float(reward.mean()) if len(seqs) else 0.0
+        if c.rules is not None:
+            rules, rule_metrics = c.rules(seqs.prompts, seqs.responses)
+            reward = reward + rules
+            m.update(rule_metrics)
     scored = guard.ok("score", t, finite(reward.tolist()), "rewards of the samples")
     referenced = guard.ok("reference", t, finite(x for row in ref_logp for x in row), "reference log-probs")
     if not (scored and referenced):
@@ -367,10 +377,12 @@ def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: C
     and the golden reward of the policy's held-out samples (when a golden reward is configured).
     ``scores``: the rewards of ``heldout_batch`` when already made (in the policy step's forward phase)."""
     prompts = [d.prompt_ids for d in heldout]
-    r = scores if scores is not None else c.reward.score(heldout_batch(heldout, responses))
-    r_demo, r_pol = r[: len(heldout)], r[len(heldout):]
-    out = {"heldout/reward_accuracy": float((r_demo > r_pol).float().mean()),
-           "heldout/reward_gap": float((r_demo - r_pol).mean())}
+    out = {}
+    if c.reward is not None:
+        r = scores if scores is not None else c.reward.score(heldout_batch(heldout, responses))
+        r_demo, r_pol = r[: len(heldout)], r[len(heldout):]
+        out = {"heldout/reward_accuracy": float((r_demo > r_pol).float().mean()),
+               "heldout/reward_gap": float((r_demo - r_pol).mean())}
     if c.golden is not None:
         out["golden/heldout_policy"] = mean(c.golden(prompts, responses))
         out["golden/heldout_demos"] = mean(c.golden(prompts, [d.response_ids for d in heldout]))

@@ -18,6 +18,7 @@ from afd_ray.runtime.rundir import RunDir
 RECIPES = {
     "irl": irl.run,
     "aihf": irl.run,
+    "rlhf": irl.run,
     "inverse_rlignment": irlignment.run,
     "dpo": baselines.run,
     "ipo": baselines.run,

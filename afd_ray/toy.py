@@ -139,6 +139,31 @@ def sft_from_scratch(out_dir, tokenizer_path, demos: list[Encoded], steps: int =
     return save_model(model, tokenizer, out / "sft")
 
 
+def reward_model_from_preferences(out_dir, init_path, tokenizer, prefs: list[EncodedPreference], steps: int = 60,
+                                  lr: float = 1e-3, batch_size: int = 64, seed: int = 0):
+    """A Bradley-Terry reward model (seeds/004 Eq. 13) on the backbone of ``init_path`` (a new scalar head),
+    trained in-process on ``prefs`` (``make_preferences``: golden-ranked pairs) and saved in HF format to
+    ``out_dir``: a reward model that is not the run's own, for ``run.method=rlhf``. Returns the folder."""
+    from afd_ray.algo.losses import pairwise_reward_loss
+    from afd_ray.data.tokenize import collate
+    from afd_ray.models.loading import load_reward_model, reward_forward, save_model
+
+    model = load_reward_model(str(init_path), seed=seed).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(prefs), (batch_size,), generator=g).tolist()
+        prompts = [prefs[i].prompt_ids for i in idx]
+        b = collate(prompts + prompts, [prefs[i].chosen_ids for i in idx] + [prefs[i].rejected_ids for i in idx],
+                    tokenizer.pad_token_id)
+        r = reward_forward(model, b.input_ids, b.attention_mask)
+        loss = pairwise_reward_loss(r[:batch_size], r[batch_size:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_model(model.eval(), tokenizer, out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m afd_ray.toy OUT_DIR [--fixed]``: build the toy task's pi_SFT, ready for the presets."""
     import argparse

@@ -110,3 +110,25 @@ def test_the_local_fake_cluster_mirrors_a_shipped_one():
         cfg = config_of(args)
         assert cfg.run.logical_gpus and cfg.run.device == "cpu"
     assert "--dashboard-host=127.0.0.1" in LOCAL.read_text()
+
+
+def dashboard_keys() -> list[str]:
+    """The afd_ray metric keys the Grafana dashboard plots (each target's legend starts with its key)."""
+    import json
+
+    dash = json.loads((CLUSTERS / "grafana-afd_ray.json").read_text())
+    return [t["legendFormat"].split()[0] for p in dash["panels"] for t in p["targets"]]
+
+
+def test_grafana_dashboard_queries_the_gauges_telemetry_sets():
+    import json
+
+    from afd_ray.telemetry import gauge_name
+
+    dash = json.loads((CLUSTERS / "grafana-afd_ray.json").read_text())
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "run"}
+    targets = [t for p in dash["panels"] for t in p["targets"]]
+    assert len(targets) == len(dashboard_keys()) > 20
+    for t, key in zip(targets, dashboard_keys()):  # Prometheus sees Ray's custom metrics with a ray_ prefix
+        assert t["expr"] == f'ray_{gauge_name(key)}{{run=~"$run"}}', t
+    assert any("throughput/rollout_tokens_per_s" == k for k in dashboard_keys())

@@ -82,7 +82,7 @@ def test_unknown_preset():
     (["reward.updates_per_iteration=-2"], "reward.updates_per_iteration must be >= -1"),
     (["reward.epochs=2"], "set reward.updates_per_iteration=0 with it"),
     (["run.async_rollout=true", "run.device=gpu", "run.colocate=true"], "set run.colocate=false"),
-    (["run.async_rollout=true", "run.method=spin"], "run.async_rollout=true is for the IRL loop"),
+    (["run.async_rollout=true", "run.method=spin"], "run.async_rollout=true is for the RL loop"),
     (["run.async_rollout=true", "policy.algo=online_dpo"], "policy.algo=online_dpo has none"),
     (["policy.weight_decay=-0.01"], "policy.weight_decay must be >= 0"),
     (["sft.weight_decay=-0.01"], "sft.weight_decay must be >= 0"),

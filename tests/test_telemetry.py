@@ -17,6 +17,56 @@ def scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def wandb_records(run_dir) -> tuple[dict, list[dict]]:
+    """(config, history rows) of the offline wandb run under ``run_dir``, read from its .wandb file (a
+    LevelDB-style log of protobuf records: 7-byte header, 32 KiB blocks, records split across blocks)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    [path] = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    data, pos, buf, config, rows = path.read_bytes(), 7, b"", {}, []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):
+            pos += left
+            continue
+        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            r = pb.Record()
+            r.ParseFromString(buf)
+            buf = b""
+            if r.WhichOneof("record_type") == "run":
+                config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+            elif r.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return config, rows
+
+
+def test_wandb_offline_run_holds_the_config_every_metric_and_the_plots(tmp_path):
+    from afd_ray.config import load_config
+
+    cfg = load_config("toy", ["model.policy=x", f"run.output_dir={tmp_path}", "run.name=tracked",
+                              "run.wandb_project=afd-test", "run.wandb_mode=offline"])
+    rd = RunDir.open(cfg)
+    for t in (1, 2):
+        rd.append_metrics({"iteration": float(t), "rollout/kl": 0.1 * t, "time/policy": 3.0, "note": "text"})
+    import matplotlib.pyplot as plt
+
+    plt.plot([1, 2], [0.1, 0.2])
+    plt.savefig(rd.path / "kl.png")
+    plt.close()
+    rd.close()
+    config, rows = wandb_records(rd.path)
+    assert config["run"]["wandb_project"] == "afd-test" and config["policy"]["algo"] == "rloo"
+    history = [r for r in rows if "rollout/kl" in r]
+    assert [(r["iteration"], r["rollout/kl"], r["time/policy"]) for r in history] == [(1, 0.1, 3), (2, 0.2, 3)]
+    assert any(r.get("plots/kl/_type") == "image-file" for r in rows) and not any("note" in r for r in rows)
+
+
 def test_gauge_names_are_prometheus_safe():
     assert gauge_name("throughput/rollout_tokens_per_s") == "afd_ray_throughput_rollout_tokens_per_s"
     assert gauge_name("golden/heldout-policy.v2") == "afd_ray_golden_heldout_policy_v2"

@@ -3,7 +3,6 @@ with standard error; win rate of one policy's responses against another's under 
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 
@@ -18,12 +17,11 @@ def load_golden(spec: str, tokenizer, device: str = "cpu", batch_size: int = 16)
     response) text pair with its own tokenizer (the OpenAssistant reward models' input). Empty: None."""
     if not spec:
         return None
-    module, sep, name = spec.partition(":")
+    module, sep, _ = spec.partition(":")
     if sep and "/" not in module and not module.startswith("."):
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"golden reward {spec!r}: cannot import {name} from {module} ({e})") from None
+        from afd_ray.rewards import import_function
+
+        fn = import_function(spec, "run.golden_reward")
         return lambda prompts, responses: [float(x) for x in fn(prompts, responses, tokenizer)]
     return HFGolden(spec, tokenizer, device, batch_size)
 

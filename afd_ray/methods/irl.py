@@ -1,5 +1,7 @@
 """The bi-level IRL recipe (``irl``, and ``aihf`` with preference pairs in its reward step) in the runtime:
-data, actors, the loop (``afd_ray.driver``), checkpoints, final evaluation and report.
+data, actors, the loop (``afd_ray.driver``), checkpoints, final evaluation and report. ``rlhf`` is the same
+loop on a fixed reward (seeds/004 Protocol 3): the frozen ``model.reward`` and/or the rule rewards of
+``reward.functions`` (afd_ray.rewards), no reward step; without ``model.reward`` there is no reward actor.
 
 A checkpoint of iteration t holds the policy, reward (and critic) models in HF format and their DeepSpeed
 states (weights, optimizer, RNG), plus ``loop.pt``: the data cursors and the pair replay.
@@ -61,7 +63,10 @@ class IRL:
     def __init__(self, cfg: Config, rd: RunDir, echo=print, learn_reward: bool = True,
                  paths: dict[str, str] | None = None, report=None):
         from afd_ray.models.loading import load_tokenizer, resolve_model_path
+        from afd_ray.rewards import RuleRewards
 
+        rlhf = cfg.run.method == "rlhf"
+        learn_reward = learn_reward and not rlhf
         self.cfg, self.rd, self.echo, self.learn_reward, self.report = cfg, rd, echo, learn_reward, report
         self.initial = resolve_model_path(cfg.model.policy)
         self.tokenizer = load_tokenizer(self.initial)
@@ -71,6 +76,11 @@ class IRL:
         reference = resolve_model_path(cfg.model.reference) if cfg.model.reference else self.initial
         self.paths = {"rollout": self.initial, "policy": self.initial, "reward": reward, "reference": reference}
         self.roles = ROLES
+        if rlhf and not cfg.model.reward:  # the rule rewards alone
+            self.roles = tuple(r for r in ROLES if r != "reward")
+        elif rlhf:
+            check_reward_model(reward, self.tokenizer)
+        self.rules = RuleRewards.from_config(cfg, self.tokenizer)
         if cfg.critic.enabled:
             self.roles = ROLES + ("critic",)
             self.paths["critic"] = resolve_model_path(cfg.critic.model) if cfg.critic.model else reward
@@ -102,7 +112,7 @@ class IRL:
             for role in self.learners:
                 self.system.handles[role].load(str(last.path / f"{role}_state"))
         self.system.sync.check()  # the engines start from the same weights as the learner: prove it
-        self.c = Collaborators.of(self.system, self.golden)
+        self.c = Collaborators.of(self.system, self.golden, self.rules)
 
     def iteration(self, t: int) -> dict[str, float]:
         self.metrics = irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state,
@@ -122,6 +132,23 @@ class IRL:
         final = evaluate_policy(self.cfg, self.heldout, self.c) if self.heldout else {}
         (self.report or write_report)(self.rd, self.cfg, final)
         self.echo(f"done: {self.rd.path} ({self.rd.path / 'report.md'})")
+
+
+def check_reward_model(path: str, tokenizer) -> None:
+    """run.method=rlhf: ``model.reward`` must be a trained reward model (``*ForSequenceClassification`` with
+    one label) that reads the policy's token ids (the same vocabulary)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or getattr(config, "num_labels", 1) != 1:
+        raise ValueError(f"model.reward={path}: run.method=rlhf needs a trained reward model "
+                         f"(*ForSequenceClassification, one label), this is {archs or 'unknown'} with "
+                         f"{getattr(config, 'num_labels', '?')} labels")
+    theirs = AutoTokenizer.from_pretrained(path)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"model.reward={path}: its tokenizer differs from the policy's; a reward model is "
+                         f"scored on the policy's token ids here, so it must share the policy's vocabulary")
 
 
 def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:

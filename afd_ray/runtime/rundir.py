@@ -67,6 +67,7 @@ class RunDir:
         self.ckpt = self.path / "checkpoints"
         self._telemetry = None
         self._purge_after: int | None = None
+        self.config: Config | None = None  # set by open: the run's resolved config (for the metric sinks)
 
     # ---- config ---------------------------------------------------------------------------------------------
 
@@ -88,6 +89,7 @@ class RunDir:
                 rd.event("config_change", changes=diff)
         rd.ckpt.mkdir(parents=True, exist_ok=True)
         atomic_write(rd.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        rd.config = cfg
         return rd
 
     def saved_config(self, overrides: list[str] | None = None) -> Config | None:
@@ -167,7 +169,7 @@ class RunDir:
         if self._telemetry is None:
             from afd_ray.telemetry import Telemetry
 
-            self._telemetry = Telemetry(self.path, self.path.name, purge_after=self._purge_after)
+            self._telemetry = Telemetry(self.path, self.path.name, purge_after=self._purge_after, config=self.config)
         self._telemetry.log(m, int(m.get("iteration", m.get("step", 0))))
 
     def metrics(self) -> list[dict]:

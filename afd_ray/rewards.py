@@ -1,0 +1,129 @@
+"""Rule rewards: user functions and built-in penalties on the policy's samples, added in the policy step to
+the reward model's score (the learned r_phi of IRL, a frozen reward model under ``run.method=rlhf``) or, for
+``rlhf`` without ``model.reward``, the whole reward.
+
+    r(x, y) = r_model(x, y) + sum_i w_i f_i(x, y) - missing_eos_penalty * [y cut at max_new_tokens]
+              + overlong_penalty_factor * R_length(y)
+
+- ``reward.functions``: ``module:function`` entries with the golden reward's signature,
+  ``f(prompts, responses, tokenizer) -> list[float]``, batched, on token ids (the text is
+  ``tokenizer.decode``); a function that also takes ``prompt_texts`` / ``response_texts`` keywords (or
+  ``**kwargs``) gets the decoded texts (special tokens skipped). ``reward.function_weights`` (empty = 1 each).
+- ``reward.missing_eos_penalty``: subtracted from each response that ends without the end-of-sequence token
+  (cut at ``rollout.max_new_tokens``), as TRL's ``missing_eos_penalty`` and the TL;DR PPO setups.
+- ``reward.overlong_buffer`` (L_cache): DAPO's soft overlong punishment, R_length(y) = 0 up to
+  L_max - L_cache tokens, then falling linearly to -1 at L_max = ``rollout.max_new_tokens``.
+
+Each term's batch mean goes to the metrics as ``rules/<name>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def import_function(spec: str, what: str) -> Callable:
+    """The function named by ``module:function``; a ValueError that names ``what`` (the setting) otherwise."""
+    module, sep, name = spec.partition(":")
+    if not (sep and module and name):
+        raise ValueError(f"{what}: {spec!r} is not module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{what}: cannot import {name} from {module} ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"{what}: {spec} is not callable")
+    return fn
+
+
+def _takes_texts(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or p.name in ("prompt_texts", "response_texts") for p in params)
+
+
+@dataclass
+class RuleFunction:
+    name: str  # the metric name: rules/<name>
+    spec: str  # module:function, for errors
+    weight: float
+    fn: Callable
+    texts: bool  # passes prompt_texts / response_texts
+
+
+class RuleRewards:
+    """The configured rule rewards of one run; ``__call__`` scores a batch of samples."""
+
+    def __init__(self, functions: list[RuleFunction], tokenizer, max_new_tokens: int,
+                 missing_eos_penalty: float = 0.0, overlong_buffer: int = 0, overlong_penalty_factor: float = 1.0):
+        self.functions, self.tokenizer, self.max_new_tokens = functions, tokenizer, max_new_tokens
+        self.missing_eos_penalty, self.overlong_buffer = missing_eos_penalty, overlong_buffer
+        self.overlong_penalty_factor = overlong_penalty_factor
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> RuleRewards | None:
+        """The rules of ``cfg.reward``, each function imported now (a bad entry fails before any actor
+        starts); None when no rule is configured."""
+        r = cfg.reward
+        if not (r.functions or r.missing_eos_penalty or r.overlong_buffer):
+            return None
+        weights = list(r.function_weights) or [1.0] * len(r.functions)
+        functions, names = [], set()
+        for i, (spec, w) in enumerate(zip(r.functions, weights)):
+            fn = import_function(spec, f"reward.functions[{i}]")
+            name = spec.partition(":")[2]
+            name = name if name not in names else f"{name}_{i}"
+            names.add(name)
+            functions.append(RuleFunction(name, spec, float(w), fn, _takes_texts(fn)))
+        return cls(functions, tokenizer, cfg.rollout.max_new_tokens, r.missing_eos_penalty, r.overlong_buffer,
+                   r.overlong_penalty_factor)
+
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(B,) float32 sum of the weighted rules for each (prompt, response), and ``rules/*`` batch means."""
+        n = len(responses)
+        total, metrics = torch.zeros(n), {}
+        texts = None
+        for f in self.functions:
+            kwargs = {}
+            if f.texts:
+                if texts is None:
+                    dec = self.tokenizer.batch_decode
+                    texts = dec(prompts, skip_special_tokens=True), dec(responses, skip_special_tokens=True)
+                kwargs = {"prompt_texts": texts[0], "response_texts": texts[1]}
+            values = [float(v) for v in f.fn(prompts, responses, self.tokenizer, **kwargs)]
+            if len(values) != n:
+                raise ValueError(f"rule reward {f.spec} returned {len(values)} values for {n} responses")
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise ValueError(f"rule reward {f.spec} returned {values[bad]} for response {bad}")
+            v = torch.tensor(values, dtype=torch.float32)
+            total += f.weight * v
+            metrics[f"rules/{f.name}"] = float(v.mean()) if n else 0.0
+        if self.missing_eos_penalty:
+            cut = torch.tensor([float(not r or r[-1] not in self.eos_ids) for r in responses])
+            total -= self.missing_eos_penalty * cut
+            metrics["rules/missing_eos"] = float(cut.mean()) if n else 0.0
+        if self.overlong_buffer:
+            length = torch.tensor([float(len(r)) for r in responses])
+            r_len = overlong_reward(length, self.max_new_tokens, self.overlong_buffer)
+            total += self.overlong_penalty_factor * r_len
+            metrics["rules/overlong"] = float(r_len.mean()) if n else 0.0
+        return total, metrics
+
+
+def overlong_reward(length_B: torch.Tensor, max_tokens: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment R_length: 0 for |y| <= L_max - L_cache, then
+    ((L_max - L_cache) - |y|) / L_cache down to -1 at L_max, and -1 beyond (L_max = ``max_tokens``,
+    L_cache = ``buffer``)."""
+    start = max_tokens - buffer
+    return ((start - length_B) / buffer).clamp(min=-1.0, max=0.0)
