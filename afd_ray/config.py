@@ -349,6 +349,9 @@ class RunConfig:
     """Parent folder of run directories."""
     name: str = ""
     """Run directory name; empty = method + timestamp."""
+    verbose: bool = False
+    """Every actor's output on the console, as Ray streams it; false = each actor's output goes to
+    RUN_DIR/logs/<role>-<rank>.log and only afd_ray's warnings and errors reach the console."""
     wandb_project: str = ""
     """Weights & Biases project: when set, the run's config, every metric of metrics.jsonl (x-axis:
     iteration, or step for SFT) and the report's plots also go to wandb (afd_ray.telemetry); empty = off."""

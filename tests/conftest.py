@@ -41,7 +41,8 @@ def ray_local():
 
         local_ray_env()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"},
+                              "worker_process_setup_hook": "afd_ray.workers.logs.setup"})  # as ensure_ray
     yield ray
     ray.shutdown()
     for k, v in saved.items():  # this instance's settings end with it

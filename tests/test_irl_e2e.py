@@ -50,6 +50,10 @@ def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_sft, t
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("rollout/kl")] == [
         (int(m["iteration"]), pytest.approx(m["rollout/kl"], rel=1e-6, abs=1e-7)) for m in ms]
+    # each actor's output went to its role's file (the console gets only warnings and errors)
+    assert "Initializing a V1 LLM engine" in (rd.path / "logs" / "rollout-0.log").read_text()
+    assert {p.name for p in (rd.path / "logs").iterdir()} == {"rollout-0.log", "policy-0.log", "reward-0.log",
+                                                             "reference-0.log"}
     # the Grafana dashboard plots what a run logs (the critic's panels: ppo with critic.enabled only)
     from test_clusters import dashboard_keys
 

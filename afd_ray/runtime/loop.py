@@ -78,6 +78,7 @@ def drive(rd: RunDir, cfg: Config, recipe: Recipe, echo=print, line=None) -> boo
             recipe.start(last)
             if last is not None:
                 echo(f"continuing {rd.path} after iteration {done}")
+            started = time.perf_counter()
             for t in range(done + 1, end + 1):
                 m = recipe.iteration(t)
                 m["run/restarts"] = float(restarts)
@@ -95,7 +96,7 @@ def drive(rd: RunDir, cfg: Config, recipe: Recipe, echo=print, line=None) -> boo
                     if due:
                         log.warning("iteration %d: no checkpoint while a non-finite streak lasts", t)
                     rd.append_metrics(m)
-                echo(line(m) if line else summary_line(m))
+                echo((line(m) if line else summary_line(m)) + progress(t, done, end, time.perf_counter() - started))
             if end == cfg.run.iterations:
                 recipe.finish()
             return end == cfg.run.iterations
@@ -125,6 +126,12 @@ def _dead_roles(recipe: Recipe) -> list[str]:
         return recipe.system.dead_roles() if recipe.system is not None else []
     except Exception:  # the liveness probe itself failed: Ray is in trouble, say nothing more
         return []
+
+
+def progress(t: int, done: int, end: int, elapsed: float) -> str:
+    """``  [t/end, eta H:MM:SS]``: where the run is and, at this invocation's mean pace, when it ends."""
+    eta = elapsed / (t - done) * (end - t)
+    return f"  [{t}/{end}, eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}]"
 
 
 def summary_line(m: dict) -> str:

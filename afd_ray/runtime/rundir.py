@@ -6,6 +6,7 @@
                             recovered run first drops the lines after its last complete checkpoint)
     events.jsonl            restarts, resumes, config changes, non-finite stops
     tensorboard/            the same metrics as TensorBoard events (afd_ray.telemetry; also Ray gauges)
+    logs/<role>-<rank>.log  each actor's output (afd_ray.workers.logs; run.verbose=true: the console)
     checkpoints/iter_NNNNNN/  one complete iteration: what the recipe saved + manifest.json
     checkpoints/latest.json the last complete iteration (written last, atomically)
     report.md               the recipe's report (afd_ray.eval.report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded
@@ -48,6 +49,8 @@ class System:
                       seed=cfg.run.seed, device=cfg.run.device, pad_token_id=pad)
         timeout = cfg.run.call_timeout_s
         backend = sync_backend(cfg)
+        # each actor's output to RUN_DIR/logs/<role>-<rank>.log, its warnings and errors to the console
+        logs = str(Path(cfg.run.output_dir) / cfg.run.name / "logs") if cfg.run.name and not cfg.run.verbose else None
         # dropping the weights in sleep (level 2) is safe only when a learner re-sends them after each wake
         sleep_level = cfg.rollout.sleep_level if "policy" in roles else 1
         self.rollout = self.policy = self.reward = self.reference = self.critic = None
@@ -61,7 +64,7 @@ class System:
             spec.update(zero_stage=section.zero_stage, micro_batch_size=section.micro_batch_size,
                         gradient_checkpointing=section.gradient_checkpointing, offload=section.offload)
             return ActorGroup(cls, p, role, self.groups, LearnerSpec(paths[role], **spec, **common), ranked=True,
-                              env=threads(role), timeout_s=timeout)
+                              env=threads(role), timeout_s=timeout, log_dir=logs)
 
         try:
             self.groups = reserve(p)
@@ -74,7 +77,7 @@ class System:
                     device=cfg.run.device, omp_threads_bind=f"0-{cores - 1}" if cpu else "auto",
                     kv_cache_gb=cfg.rollout.kv_cache_gb, sleep_mode=cfg.run.colocate, sync_backend=backend,
                     sleep_level=sleep_level, max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
-                    env=threads("rollout"), timeout_s=timeout)
+                    env=threads("rollout"), timeout_s=timeout, log_dir=logs)
                 self.handles["rollout"] = handles.RolloutPool(self.rollout, sleep_between=cfg.run.colocate,
                                                               sleep_level=sleep_level)
             if "policy" in roles:
@@ -89,7 +92,7 @@ class System:
                 self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, paths["reference"],
                                             dtype=cfg.model.dtype, micro_batch_size=cfg.policy.micro_batch_size,
                                             pad_token_id=pad, device=cfg.run.device, env=threads("reference"),
-                                            timeout_s=timeout)
+                                            timeout_s=timeout, log_dir=logs)
                 self.handles["reference"] = handles.Reference(self.reference)
             if "critic" in roles:
                 from afd_ray.workers.critic import CriticLearner
@@ -167,10 +170,13 @@ def local_ray_env() -> int | None:
 def ensure_ray() -> None:
     import ray
 
+    from afd_ray.workers import logs
+
     if not ray.is_initialized():
         port = local_ray_env()
         # Under `ray job submit` RAY_ADDRESS points at the cluster; plain `python` starts a local instance
         # whose dashboard listens on localhost only (the job API runs code: never open it to the network).
+        # The setup hook sends an actor's output to its log file when its environment names one (logs.py).
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}, "worker_process_setup_hook": logs.HOOK},
                  **({"dashboard_port": port, "dashboard_host": "127.0.0.1"} if port else {}))

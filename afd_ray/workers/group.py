@@ -122,11 +122,15 @@ class ActorGroup:
     """One actor of ``cls`` per slot of ``plan.roles[role]``, with the slot's resources and environment
     (and ``env`` on top); a slot whose engine starts its own workers (``Slot.starts_workers``: vLLM's
     tensor-parallel workers) is scheduled so that they land in its placement group too. With ``ranked``,
-    actor i also gets rank=i, world_size, master_addr and master_port (``rendezvous``: on rank 0's node)."""
+    actor i also gets rank=i, world_size, master_addr and master_port (``rendezvous``: on rank 0's node).
+    With ``log_dir``, actor i's output goes to ``log_dir/<role>-<i>.log`` (afd_ray.workers.logs)."""
 
     def __init__(self, cls: type, plan: Plan, role: str, groups: dict[str, Any], *args, ranked: bool = False,
-                 env: dict[str, str] | None = None, timeout_s: float | None = None, **kwargs):
+                 env: dict[str, str] | None = None, timeout_s: float | None = None, log_dir: str | None = None,
+                 **kwargs):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from afd_ray.workers import logs
 
         self.slots = plan.roles[role]
         self.role, self.world_size, self.timeout_s = role, len(self.slots), timeout_s or None
@@ -146,7 +150,7 @@ class ActorGroup:
                     groups[slot.group], placement_group_bundle_index=slot.bundle,
                     placement_group_capture_child_tasks=slot.starts_workers),
             }
-            env_vars = {**slot.env, **(env or {}), **faults.env()}
+            env_vars = {**slot.env, **(env or {}), **faults.env(), **logs.actor_env(log_dir, role, i)}
             if env_vars:
                 options["runtime_env"] = {"env_vars": env_vars}
             rank = {"rank": i} if ranked else {}
