@@ -224,6 +224,12 @@ class RewardConfig:
     """aihf: weight gamma of the demonstration-vs-sample pairs in the reward step (seeds/004 Eq. 24a)."""
     preference_weight: float = 1.0
     """aihf: weight alpha of the preference pairs in the reward step (seeds/004 Eq. 24a)."""
+    url: str = ""
+    """run.method=rlhf: a served reward model instead of model.reward, the base URL of `vllm serve RM --runner
+    pooling` (e.g. http://127.0.0.1:8001); scored on the policy's token ids (the same vocabulary), with retries
+    and backoff as the judge; a batch that fails every retry scores NaN and its step is skipped and counted."""
+    served_model: str = ""
+    """The model name on reward.url's server; empty = the first it lists."""
     functions: list[str] = field(default_factory=list)
     """Rule rewards added to the reward model's score in the policy step (afd_ray.rewards): `module:function`
     entries, `f(prompts, responses, tokenizer) -> list[float]` on token ids (as run.golden_reward); with
@@ -700,9 +706,13 @@ def validate(cfg: Config) -> None:
          f"reward.overlong_buffer ({cfg.reward.overlong_buffer}) must be at most rollout.max_new_tokens "
          f"({cfg.rollout.max_new_tokens})")
     if cfg.run.method == "rlhf":
-        need(bool(cfg.model.reward or cfg.reward.functions),
+        need(bool(cfg.model.reward or cfg.reward.url or cfg.reward.functions),
              "run.method=rlhf trains on a fixed reward: set model.reward (a *ForSequenceClassification reward "
-             "model) and/or reward.functions")
+             "model) or reward.url (a served one), and/or reward.functions")
+        need(not (cfg.model.reward and cfg.reward.url),
+             "run.method=rlhf: set model.reward (loaded in a reward actor) or reward.url (served), not both")
+    need(not cfg.reward.url or cfg.run.method == "rlhf",
+         f"reward.url (a served, fixed reward model) is for run.method=rlhf, got run.method={cfg.run.method}")
     if cfg.run.logical_gpus:
         need(cfg.run.device == "cpu" and not cfg.run.colocate,
              f"run.logical_gpus=true lays the actors out on logical GPUs while they compute on CPU: it needs "

@@ -127,3 +127,78 @@ def overlong_reward(length_B: torch.Tensor, max_tokens: int, buffer: int) -> tor
     L_cache = ``buffer``)."""
     start = max_tokens - buffer
     return ((start - length_B) / buffer).clamp(min=-1.0, max=0.0)
+
+
+class ServedRewardModel:
+    """r(x, y) from a reward model behind `vllm serve MODEL --runner pooling`: POST ``/pooling`` with the
+    policy's token ids of prompt + response (so the served model must share the policy's vocabulary), task
+    ``classify`` without activation, i.e. the raw logit that loading the model in process gives (pooled at
+    the last token). Batches of ``batch_size`` sequences, at most ``max_concurrency`` requests at once.
+    As the judge client: connection errors, timeouts, HTTP 5xx and unreadable answers are retried with
+    exponential backoff; HTTP 400/401/403/404 (a wrong model name or endpoint) stop at once; a batch whose
+    retries run out scores NaN, which the loop's non-finite guard skips and counts (``run.max_nonfinite``)."""
+
+    def __init__(self, url: str, model: str = "", batch_size: int = 32, max_concurrency: int = 4,
+                 max_retries: int = 4, timeout: float = 60.0, backoff: float = 0.5):
+        import httpx
+
+        self.base = url.rstrip("/").removesuffix("/v1")
+        self.batch_size, self.max_concurrency, self.max_retries, self.backoff = (batch_size, max_concurrency,
+                                                                                  max_retries, backoff)
+        self._http = httpx.Client(timeout=timeout)
+        self.model = model or self._first_model()
+        self.requests = self.retries = self.failed = 0
+
+    def __repr__(self) -> str:
+        return f"ServedRewardModel({self.base!r}, model={self.model!r})"
+
+    def _first_model(self) -> str:
+        r = self._http.get(f"{self.base}/v1/models")
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+
+    def _post(self, ids: list[list[int]]) -> list[float]:
+        import logging
+        import random
+        import time
+
+        import httpx
+
+        log = logging.getLogger("afd_ray")
+        body = {"model": self.model, "input": ids, "task": "classify", "use_activation": False,
+                "add_special_tokens": False}
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1) * (1 + random.random()))
+                self.retries += 1
+            self.requests += 1
+            try:
+                r = self._http.post(f"{self.base}/pooling", json=body)
+                if r.status_code in (400, 401, 403, 404):
+                    raise ValueError(f"reward.url {self.base}/pooling: HTTP {r.status_code} for model "
+                                     f"{self.model!r}: {r.text[:300]}")
+                r.raise_for_status()
+                rows = sorted(r.json()["data"], key=lambda d: d["index"])
+                values = [float(row["data"][0] if isinstance(row["data"], list) else row["data"]) for row in rows]
+                if len(values) == len(ids):
+                    return values
+                raise ValueError(f"{len(values)} scores for {len(ids)} sequences")
+            except (httpx.TransportError, httpx.HTTPStatusError, KeyError, TypeError, ValueError) as e:
+                if isinstance(e, ValueError) and str(e).startswith("reward.url"):
+                    raise
+                log.warning("reward model request failed (%s), attempt %d of %d", str(e).splitlines()[0][:200],
+                            attempt + 1, self.max_retries + 1)
+        self.failed += 1
+        return [float("nan")] * len(ids)
+
+    def score(self, seqs) -> torch.Tensor:
+        """(B,) float32 rewards of ``seqs`` (a SequenceBatch); NaN for a batch that failed every attempt."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        ids = [list(p) + list(r) for p, r in zip(seqs.prompts, seqs.responses)]
+        chunks = [ids[i:i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            parts = list(pool.map(self._post, chunks))
+        return torch.tensor([v for part in parts for v in part], dtype=torch.float32)
+
+    submit_score = score  # answered at once; the driver's gather passes results through

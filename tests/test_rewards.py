@@ -1,6 +1,10 @@
 """Rule rewards (afd_ray.rewards): user functions with weights, the missing-EOS and overlong penalties, their
 metrics, errors that name the setting; the policy step adds them to the reward model's score or uses them alone."""
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 import torch
 
@@ -90,6 +94,8 @@ def test_a_function_that_returns_bad_values_is_named(fn, match):
     (["reward.functions=[a:b]", "reward.function_weights=[1.0,2.0]"], "has 2 weights for 1 reward.functions"),
     (["reward.overlong_buffer=9"], "must be at most rollout.max_new_tokens"),
     (["run.method=rlhf"], "run.method=rlhf trains on a fixed reward: set model.reward"),
+    (["run.method=rlhf", "model.reward=rm", "reward.url=http://127.0.0.1:8001"], "not both"),
+    (["reward.url=http://127.0.0.1:8001"], "reward.url .* is for run.method=rlhf, got run.method=irl"),
 ])
 def test_config_refuses_inconsistent_rules(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -153,3 +159,74 @@ def test_toy_rlhf_on_a_frozen_reward_model_raises_its_score(ray_local, toy_sft, 
     assert last > first + 0.5, f"frozen reward model's score of the samples {first:.3f} -> {last:.3f}"
     assert golden_last > golden_first + 0.05, f"golden reward {golden_first:.3f} -> {golden_last:.3f}"
     assert "reward/loss" not in ms[-1] and not (rd.ckpt / "iter_000008" / "reward").exists()
+
+
+class ScriptedPooling(BaseHTTPRequestHandler):
+    """POST /pooling answered by ``self.server.script(call_no) -> status``: 200 scores sequence i as its
+    length (the body holds the token ids), other statuses an error."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.calls += 1
+            n = self.server.calls
+        status = self.server.script(n)
+        payload = {"data": [{"index": i, "data": [float(len(x))]} for i, x in enumerate(body["input"])]}
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(payload if status == 200 else {"error": "boom"}).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def pooling_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedPooling)
+    srv.lock, srv.calls = threading.Lock(), 0
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+
+
+def test_a_served_reward_model_is_retried_like_the_judge_and_a_dead_batch_scores_nan(pooling_server, caplog):
+    from afd_ray.rewards import ServedRewardModel
+    from afd_ray.types import SequenceBatch
+
+    url = f"http://127.0.0.1:{pooling_server.server_address[1]}"
+    seqs = SequenceBatch([[1, 2]] * 3, [[3], [3, 4], [3, 4, 5]])
+    pooling_server.script = lambda n: 500 if n <= 2 else 200  # HTTP 500 twice, then an answer
+    rm = ServedRewardModel(url, "rm", batch_size=2, max_concurrency=1, backoff=0.01)
+    assert rm.score(seqs).tolist() == [3.0, 4.0, 5.0] and rm.retries == 2 and rm.failed == 0
+    assert "HTTP" in caplog.text or "500" in caplog.text
+    pooling_server.script = lambda n: 503  # down for good: NaN, which the loop's guard skips and counts
+    rm = ServedRewardModel(url, "rm", batch_size=2, max_concurrency=1, max_retries=2, backoff=0.01)
+    scores = rm.score(seqs)
+    assert torch.isnan(scores).all() and rm.failed == 2 and rm.requests == 6
+    pooling_server.script = lambda n: 404  # a wrong model name: no retry can help
+    with pytest.raises(ValueError, match="HTTP 404 for model 'rm'"):
+        ServedRewardModel(url, "rm", backoff=0.01).score(seqs)
+
+
+@pytest.mark.slow
+def test_a_served_reward_model_scores_as_the_model_in_process(toy_sft, tokenizer, tmp_path):
+    """A real `vllm serve --runner pooling` of a reward model: the same rewards as loading it here."""
+    from afd_ray import toy
+    from afd_ray.data.tokenize import collate
+    from afd_ray.eval.serve import OpenAIServer
+    from afd_ray.models.loading import load_reward_model, reward_forward
+    from afd_ray.rewards import ServedRewardModel
+    from afd_ray.types import SequenceBatch
+
+    rm = toy.reward_model_from_preferences(tmp_path / "rm", toy_sft, tokenizer,
+                                           toy.make_preferences(tokenizer, 256, seed=5), steps=20)
+    prefs = toy.make_preferences(tokenizer, 24, seed=9)
+    seqs = SequenceBatch([p.prompt_ids for p in prefs] * 2, [p.chosen_ids for p in prefs] + [p.rejected_ids for p in prefs])
+    b = collate(seqs.prompts, seqs.responses, tokenizer.pad_token_id)
+    with torch.no_grad():
+        here = reward_forward(load_reward_model(str(rm)).eval(), b.input_ids, b.attention_mask)
+    with OpenAIServer(str(rm), served_name="rm", max_model_len=64, extra_args=["--runner", "pooling"]) as srv:
+        served = ServedRewardModel(srv.base_url, batch_size=16).score(seqs)  # the model name from /v1/models
+    assert served.shape == here.shape and here.std() > 0.1
+    assert torch.allclose(served, here, atol=1e-3), (served - here).abs().max()

@@ -76,7 +76,7 @@ class IRL:
         reference = resolve_model_path(cfg.model.reference) if cfg.model.reference else self.initial
         self.paths = {"rollout": self.initial, "policy": self.initial, "reward": reward, "reference": reference}
         self.roles = ROLES
-        if rlhf and not cfg.model.reward:  # the rule rewards alone
+        if rlhf and not cfg.model.reward:  # a served reward model, or the rule rewards alone: no reward actor
             self.roles = tuple(r for r in ROLES if r != "reward")
         elif rlhf:
             check_reward_model(reward, self.tokenizer)
@@ -113,6 +113,10 @@ class IRL:
                 self.system.handles[role].load(str(last.path / f"{role}_state"))
         self.system.sync.check()  # the engines start from the same weights as the learner: prove it
         self.c = Collaborators.of(self.system, self.golden, self.rules)
+        if self.cfg.reward.url:
+            from afd_ray.rewards import ServedRewardModel
+
+            self.c.reward = ServedRewardModel(self.cfg.reward.url, self.cfg.reward.served_model)
 
     def iteration(self, t: int) -> dict[str, float]:
         self.metrics = irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state,
