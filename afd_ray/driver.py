@@ -43,10 +43,11 @@ class Collaborators:
     rules: Any = None  # afd_ray.rewards.RuleRewards: (prompts, responses) -> ((B,) rewards, metrics), added
 
     @classmethod
-    def of(cls, system, golden=None, rules=None) -> Collaborators:
-        """The real collaborators: the handles of an ``afd_ray.runtime.system.System``."""
+    def of(cls, system, golden=None, rules=None, reward=None) -> Collaborators:
+        """The real collaborators: the handles of an ``afd_ray.runtime.system.System`` (``reward``: a scorer
+        outside it, e.g. a served reward model, instead of the reward group)."""
         h = system.handles
-        return cls(rollout=h.get("rollout"), policy=h.get("policy"), reward=h.get("reward"),
+        return cls(rollout=h.get("rollout"), policy=h.get("policy"), reward=reward or h.get("reward"),
                    reference=h.get("reference"), sync=system.sync.sync if system.sync else None, golden=golden,
                    critic=h.get("critic"), overlap=system.overlaps, rules=rules)
 
@@ -163,7 +164,7 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
         m["rollout/response_length"] = sum(map(len, samples.response_ids)) / len(samples.response_ids)
         if c.golden is not None:
             m["golden/train_samples"] = mean(c.golden(seqs.prompts, seqs.responses))
-        if probe is not None and (c.reward is not None or c.golden is not None):
+        if probe is not None:
             m.update(heldout_diagnostics(heldout, probe.response_ids, c, held_scores))
         if prefs is not None and prefs.heldout:
             m.update({f"heldout/{k}": v for k, v in preference_accuracy(c.reward, prefs.heldout).items()})

@@ -21,11 +21,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
+import random
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("afd_ray")
 
 
 def import_function(spec: str, what: str) -> Callable:
@@ -158,13 +164,8 @@ class ServedRewardModel:
         return r.json()["data"][0]["id"]
 
     def _post(self, ids: list[list[int]]) -> list[float]:
-        import logging
-        import random
-        import time
-
         import httpx
 
-        log = logging.getLogger("afd_ray")
         body = {"model": self.model, "input": ids, "task": "classify", "use_activation": False,
                 "add_special_tokens": False}
         for attempt in range(self.max_retries + 1):
@@ -174,27 +175,28 @@ class ServedRewardModel:
             self.requests += 1
             try:
                 r = self._http.post(f"{self.base}/pooling", json=body)
-                if r.status_code in (400, 401, 403, 404):
+            except httpx.TransportError as e:
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code in (400, 401, 403, 404):  # a wrong model name or endpoint: no retry can help
                     raise ValueError(f"reward.url {self.base}/pooling: HTTP {r.status_code} for model "
                                      f"{self.model!r}: {r.text[:300]}")
-                r.raise_for_status()
-                rows = sorted(r.json()["data"], key=lambda d: d["index"])
-                values = [float(row["data"][0] if isinstance(row["data"], list) else row["data"]) for row in rows]
-                if len(values) == len(ids):
-                    return values
-                raise ValueError(f"{len(values)} scores for {len(ids)} sequences")
-            except (httpx.TransportError, httpx.HTTPStatusError, KeyError, TypeError, ValueError) as e:
-                if isinstance(e, ValueError) and str(e).startswith("reward.url"):
-                    raise
-                log.warning("reward model request failed (%s), attempt %d of %d", str(e).splitlines()[0][:200],
-                            attempt + 1, self.max_retries + 1)
+                try:
+                    r.raise_for_status()
+                    rows = sorted(r.json()["data"], key=lambda d: d["index"])
+                    values = [float(row["data"][0] if isinstance(row["data"], list) else row["data"]) for row in rows]
+                    if len(values) == len(ids):
+                        return values
+                    problem = f"{len(values)} scores for {len(ids)} sequences"
+                except (httpx.HTTPStatusError, KeyError, TypeError, ValueError) as e:
+                    problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("reward model request failed (%s), attempt %d of %d", problem[:200], attempt + 1,
+                        self.max_retries + 1)
         self.failed += 1
         return [float("nan")] * len(ids)
 
     def score(self, seqs) -> torch.Tensor:
         """(B,) float32 rewards of ``seqs`` (a SequenceBatch); NaN for a batch that failed every attempt."""
-        from concurrent.futures import ThreadPoolExecutor
-
         ids = [list(p) + list(r) for p, r in zip(seqs.prompts, seqs.responses)]
         chunks = [ids[i:i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:

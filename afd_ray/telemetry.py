@@ -42,8 +42,8 @@ class Telemetry:
             log.warning("tensorboard is not importable: no event files for %s", run_dir)
         else:
             if purge_after is not None:
-                _after_existing_events(Path(run_dir) / "tensorboard")
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                _after_existing_events(self.run_dir / "tensorboard")
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),
                                      purge_step=None if purge_after is None else purge_after + 1)
         self._gauges: dict[str, object] = {}
 

@@ -95,6 +95,8 @@ class IRL:
         self.metrics: dict[str, float] = {}
 
     def start(self, last: Checkpoint | None) -> None:
+        from afd_ray.rewards import ServedRewardModel
+
         paths = dict(self.paths)
         if last is not None:  # the models of the last checkpoint; the reference stays pi_ref
             paths |= {r: str(last.path / r) for r in self.learners}
@@ -112,11 +114,8 @@ class IRL:
             for role in self.learners:
                 self.system.handles[role].load(str(last.path / f"{role}_state"))
         self.system.sync.check()  # the engines start from the same weights as the learner: prove it
-        self.c = Collaborators.of(self.system, self.golden, self.rules)
-        if self.cfg.reward.url:
-            from afd_ray.rewards import ServedRewardModel
-
-            self.c.reward = ServedRewardModel(self.cfg.reward.url, self.cfg.reward.served_model)
+        served = ServedRewardModel(self.cfg.reward.url, self.cfg.reward.served_model) if self.cfg.reward.url else None
+        self.c = Collaborators.of(self.system, self.golden, self.rules, reward=served)
 
     def iteration(self, t: int) -> dict[str, float]:
         self.metrics = irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state,

@@ -15,6 +15,7 @@ import ray
 
 from afd_ray import faults
 from afd_ray.placement import Plan, check_fits
+from afd_ray.workers import logs
 
 
 class CallTimeout(TimeoutError):
@@ -129,8 +130,6 @@ class ActorGroup:
                  env: dict[str, str] | None = None, timeout_s: float | None = None, log_dir: str | None = None,
                  **kwargs):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from afd_ray.workers import logs
 
         self.slots = plan.roles[role]
         self.role, self.world_size, self.timeout_s = role, len(self.slots), timeout_s or None
