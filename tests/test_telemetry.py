@@ -17,33 +17,40 @@ def scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def wandb_records(run_dir) -> tuple[dict, list[dict]]:
+def wandb_records(run_dir, wait_s: float = 60.0) -> tuple[dict, list[dict]]:
     """(config, history rows) of the offline wandb run under ``run_dir``, read from its .wandb file (a
-    LevelDB-style log of protobuf records: 7-byte header, 32 KiB blocks, records split across blocks)."""
+    LevelDB-style log of protobuf records: 7-byte header, 32 KiB blocks, records split across blocks).
+    wandb's service writes the file on its own schedule: read until its exit record is there."""
     import json
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    [path] = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    data, pos, buf, config, rows = path.read_bytes(), 7, b"", {}, []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
-        if left < 7 or (length == 0 and kind == 0):
-            pos += left
-            continue
-        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):  # a full record, or the last piece of one
-            r = pb.Record()
-            r.ParseFromString(buf)
-            buf = b""
-            if r.WhichOneof("record_type") == "run":
-                config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
-            elif r.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
-    return config, rows
+    deadline = time.monotonic() + wait_s
+    while True:
+        [path] = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        data, pos, buf, config, rows, done = path.read_bytes(), 7, b"", {}, [], False
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+            if left < 7 or (length == 0 and kind == 0):
+                pos += left
+                continue
+            buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a full record, or the last piece of one
+                r = pb.Record()
+                r.ParseFromString(buf)
+                buf = b""
+                which = r.WhichOneof("record_type")
+                if which == "run":
+                    config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+                elif which == "history":
+                    rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+                done |= which == "exit"
+        if done or time.monotonic() > deadline:
+            return config, rows
+        time.sleep(0.5)
 
 
 def test_wandb_offline_run_holds_the_config_every_metric_and_the_plots(tmp_path):
