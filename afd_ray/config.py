@@ -226,10 +226,19 @@ class RewardConfig:
     """aihf: weight alpha of the preference pairs in the reward step (seeds/004 Eq. 24a)."""
     url: str = ""
     """run.method=rlhf: a served reward model instead of model.reward, the base URL of `vllm serve RM --runner
-    pooling` (e.g. http://127.0.0.1:8001); scored on the policy's token ids (the same vocabulary), with retries
-    and backoff as the judge; a batch that fails every retry scores NaN and its step is skipped and counted."""
+    pooling` (e.g. http://127.0.0.1:8001); scored on token ids (the policy's, or reward.tokenizer's), with
+    retries and backoff as the judge; a batch that fails every retry scores NaN and its step is skipped and
+    counted."""
     served_model: str = ""
     """The model name on reward.url's server; empty = the first it lists."""
+    tokenizer: str = ""
+    """run.method=rlhf: the reward model's tokenizer (path or Hub id); empty = model.reward's own, and for
+    reward.url the policy's. When it or its chat template differs from the policy's, each (x, y) is re-rendered
+    from the text (afd_ray.data.render) as reward.input_format says."""
+    input_format: Literal["auto", "chat", "hh"] = "auto"
+    """run.method=rlhf: how the fixed reward model reads (x, y). auto: the policy's token ids when it shares the
+    policy's tokenizer and chat template, else its own chat template; chat: its chat template, always; hh:
+    Anthropic HH text (`\n\nHuman: x\n\nAssistant: y`, GPT-2 reward models trained on HH-RLHF)."""
     functions: list[str] = field(default_factory=list)
     """Rule rewards added to the reward model's score in the policy step (afd_ray.rewards): `module:function`
     entries, `f(prompts, responses, tokenizer) -> list[float]` on token ids (as run.golden_reward); with
@@ -405,7 +414,12 @@ class RunConfig:
     golden_reward: str = ""
     """Optional golden reward, logged every iteration: `module:function(prompts, responses, tokenizer) ->
     list[float]` on token ids (afd_ray.toy:golden_reward for the toy task), or the path / Hub id of an HF
-    sequence-classification reward model scoring (prompt, response) text."""
+    sequence-classification reward model scoring (prompt, response) text in run.golden_format."""
+    golden_format: Literal["auto", "chat", "hh", "pair"] = "auto"
+    """How an HF golden reward model reads (x, y) (afd_ray.data.render): chat: its chat template (RM-Gemma-2B);
+    hh: Anthropic HH text (Ray2333/gpt2-large-harmless-reward_model); pair: the (prompt, response) text pair of
+    a cross-encoder (OpenAssistant's DeBERTa models); auto: the policy's token ids when it shares the
+    policy's tokenizer and template, else chat when it has a chat template, else pair."""
 
 
 @dataclass
@@ -711,6 +725,9 @@ def validate(cfg: Config) -> None:
              "model) or reward.url (a served one), and/or reward.functions")
         need(not (cfg.model.reward and cfg.reward.url),
              "run.method=rlhf: set model.reward (loaded in a reward actor) or reward.url (served), not both")
+    need(cfg.run.method == "rlhf" or not (cfg.reward.tokenizer or cfg.reward.input_format != "auto"),
+         f"reward.tokenizer / reward.input_format say how a fixed reward model reads (x, y): for run.method=rlhf, "
+         f"got run.method={cfg.run.method}")
     need(not cfg.reward.url or cfg.run.method == "rlhf",
          f"reward.url (a served, fixed reward model) is for run.method=rlhf, got run.method={cfg.run.method}")
     if cfg.run.logical_gpus:

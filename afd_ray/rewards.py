@@ -137,7 +137,7 @@ def overlong_reward(length_B: torch.Tensor, max_tokens: int, buffer: int) -> tor
 
 class ServedRewardModel:
     """r(x, y) from a reward model behind `vllm serve MODEL --runner pooling`: POST ``/pooling`` with the
-    policy's token ids of prompt + response (so the served model must share the policy's vocabulary), task
+    token ids of prompt + response (the policy's, or re-rendered into its own by ``RerenderedReward``), task
     ``classify`` without activation, i.e. the raw logit that loading the model in process gives (pooled at
     the last token). Batches of ``batch_size`` sequences, at most ``max_concurrency`` requests at once.
     As the judge client: connection errors, timeouts, HTTP 5xx and unreadable answers are retried with
@@ -204,3 +204,41 @@ class ServedRewardModel:
         return torch.tensor([v for part in parts for v in part], dtype=torch.float32)
 
     submit_score = score  # answered at once; the driver's gather passes results through
+
+
+def fixed_reward_input(cfg, policy_tokenizer, prompts: dict):
+    """How run.method=rlhf's fixed reward model (``model.reward`` or ``reward.url``) reads (x, y): None = the
+    policy's token ids as they are; else an ``afd_ray.data.render.Rerender`` into its tokenizer
+    (``reward.tokenizer``, default model.reward's own) in ``reward.input_format``. ``prompts``: the run's
+    prompt messages by token ids (``prompt_messages``)."""
+    from transformers import AutoTokenizer
+
+    from afd_ray.data.render import Rerender, resolve_format
+    from afd_ray.models.loading import resolve_model_path
+
+    name = cfg.reward.tokenizer or cfg.model.reward
+    if not name:
+        target = policy_tokenizer
+    else:  # as it ships: no stand-in chat template where it has none
+        target = AutoTokenizer.from_pretrained(resolve_model_path(name))
+        if target.pad_token_id is None:
+            target.pad_token = target.eos_token
+    fmt = resolve_format(cfg.reward.input_format, policy_tokenizer, target, "reward.input_format")
+    return Rerender(policy_tokenizer, target, fmt, prompts) if fmt else None
+
+
+class RerenderedReward:
+    """A reward scorer (the reward group, a served model) fed each (x, y) re-rendered into its own input
+    (``rerender``: an ``afd_ray.data.render.Rerender``) from the policy's token ids it is called with."""
+
+    def __init__(self, inner, rerender):
+        self.inner, self.rerender = inner, rerender
+
+    def __repr__(self) -> str:
+        return f"RerenderedReward({self.inner!r}, {self.rerender.fmt})"
+
+    def submit_score(self, seqs):
+        return self.inner.submit_score(self.rerender.batch(seqs))
+
+    def score(self, seqs) -> torch.Tensor:
+        return self.inner.score(self.rerender.batch(seqs))

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=64, help="evaluation prompts (0 = none: run curves only)")
     p.add_argument("--baseline", default="", help="name of the target that others are compared with")
     p.add_argument("--golden", default="", help="module:function or HF reward model path (golden reward)")
+    p.add_argument("--golden-format", default="auto", choices=["auto", "chat", "hh", "pair"],
+                   help="how an HF golden reward model reads (x, y) (run.golden_format)")
     p.add_argument("--judge-url", default="", help="OpenAI-compatible base URL for the pairwise judge")
     p.add_argument("--judge-model", default="", help="judge model name")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="NAME",
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
             judge = {"base_url": a.judge_url, "model": a.judge_model, "template": a.judge_template,
                      "api_key_env": a.judge_api_key_env, "max_concurrency": a.judge_concurrency,
                      "max_retries": a.judge_retries, "timeout": a.judge_timeout}
-        evaluate(targets, prompts, tokenizer, Path(a.out), golden=a.golden,
+        evaluate(targets, prompts, tokenizer, Path(a.out), golden=a.golden, golden_format=a.golden_format,
                  baseline=names.index(a.baseline) if a.baseline else 0, judge=judge, preferences=a.preferences,
                  mtbench=a.mtbench, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
                  engine=a.engine, device=a.device, dtype=a.dtype)

@@ -1,6 +1,10 @@
-"""Shared fixtures: the offline default model (converted once into the user cache) and tiny models."""
+"""Shared fixtures: the offline default model (converted once into the user cache), tiny models, a scripted
+reward-model endpoint."""
 
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -90,3 +94,32 @@ def toy_init(tmp_path_factory, smollm2_dir, tokenizer):
 
     demos = toy.make_demonstrations(tokenizer, 1024, seed=0)
     return toy.sft_from_scratch(tmp_path_factory.mktemp("toy_init"), smollm2_dir, demos, steps=40, batch_size=32)
+
+
+class ScriptedPooling(BaseHTTPRequestHandler):
+    """POST /pooling answered by ``self.server.script(call_no) -> status``: 200 scores sequence i as its
+    length (the body holds the token ids), other statuses an error."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.calls += 1
+            n = self.server.calls
+        status = self.server.script(n)
+        payload = {"data": [{"index": i, "data": [float(len(x))]} for i, x in enumerate(body["input"])]}
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(payload if status == 200 else {"error": "boom"}).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def pooling_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedPooling)
+    srv.lock, srv.calls = threading.Lock(), 0
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()

@@ -1,10 +1,6 @@
 """Rule rewards (afd_ray.rewards): user functions with weights, the missing-EOS and overlong penalties, their
 metrics, errors that name the setting; the policy step adds them to the reward model's score or uses them alone."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 import torch
 
@@ -159,35 +155,6 @@ def test_toy_rlhf_on_a_frozen_reward_model_raises_its_score(ray_local, toy_sft, 
     assert last > first + 0.5, f"frozen reward model's score of the samples {first:.3f} -> {last:.3f}"
     assert golden_last > golden_first + 0.05, f"golden reward {golden_first:.3f} -> {golden_last:.3f}"
     assert "reward/loss" not in ms[-1] and not (rd.ckpt / "iter_000008" / "reward").exists()
-
-
-class ScriptedPooling(BaseHTTPRequestHandler):
-    """POST /pooling answered by ``self.server.script(call_no) -> status``: 200 scores sequence i as its
-    length (the body holds the token ids), other statuses an error."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            self.server.calls += 1
-            n = self.server.calls
-        status = self.server.script(n)
-        payload = {"data": [{"index": i, "data": [float(len(x))]} for i, x in enumerate(body["input"])]}
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(json.dumps(payload if status == 200 else {"error": "boom"}).encode())
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def pooling_server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedPooling)
-    srv.lock, srv.calls = threading.Lock(), 0
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
 
 
 def test_a_served_reward_model_is_retried_like_the_judge_and_a_dead_batch_scores_nan(pooling_server, caplog):

@@ -60,6 +60,7 @@ class Encoded:
     truncated: bool = False
     source: str = ""
     row: int | str | None = None
+    messages: list[dict[str, str]] | None = None  # the prompt's chat messages (after drop_turns); toy: None
 
 
 @dataclass
@@ -71,6 +72,7 @@ class EncodedPreference:
     rejected_ids: list[int]
     source: str = ""
     row: int | str | None = None
+    messages: list[dict[str, str]] | None = None  # the prompt's chat messages; toy: None
 
 
 @lru_cache(maxsize=8)
@@ -174,7 +176,8 @@ def encode_demonstration(tokenizer, demo: Demonstration, rules: TruncationRules,
         raise DataError(demo.source, demo.row, "response",
                         f"response is {len(response_ids)} tokens, longer than max_response_tokens="
                         f"{rules.max_response_tokens}", "response_too_long")
-    return Encoded(prompt_ids, response_ids[: rules.max_response_tokens], truncated, demo.source, demo.row)
+    return Encoded(prompt_ids, response_ids[: rules.max_response_tokens], truncated, demo.source, demo.row,
+                   messages)
 
 
 def _encode_all(items: Sequence, encode_one: Callable, rules: TruncationRules, what: str) -> tuple[list, dict]:
@@ -216,7 +219,7 @@ def encode_preference(tokenizer, p: Preference, rules: TruncationRules) -> Encod
                              response_field="chosen")
     lo = encode_demonstration(tokenizer, Demonstration(p.prompt, p.rejected, p.source, p.row), rules,
                               response_field="rejected")
-    return EncodedPreference(w.prompt_ids, w.response_ids, lo.response_ids, p.source, p.row)
+    return EncodedPreference(w.prompt_ids, w.response_ids, lo.response_ids, p.source, p.row, w.messages)
 
 
 def encode_preferences(tokenizer, prefs: Sequence[Preference], rules: TruncationRules

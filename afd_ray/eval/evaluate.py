@@ -110,9 +110,11 @@ def chat_fn_for(policy: str, tokenizer, max_new_tokens: int):
 
 
 def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: Path, *, golden: str = "",
+             golden_format: str = "auto",
              baseline: int = 0, judge: dict | None = None, preferences: str = "", mtbench: str = "",
              max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0, engine: str = "hf",
              device: str = "cpu", dtype: str = "float32") -> dict:
+    from afd_ray.data.render import prompt_messages
     from afd_ray.eval.golden import load_golden, mean_se, win_rate
     from afd_ray.eval.report import plot_best_of_n, plot_judge, plot_run_curves, write_report
 
@@ -149,7 +151,7 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
         texts = {name: [tokenizer.decode(r, skip_special_tokens=True) for r in rs] for name, rs in responses.items()}
         base = targets[baseline].name
         lines = ["| policy | response length | golden (± s.e.) | golden win rate vs " + base + " |", "|---|---|---|---|"]
-        scorer = load_golden(golden, tokenizer) if golden else None
+        scorer = load_golden(golden, tokenizer, golden_format, prompt_messages(prompts)) if golden else None
         gold = {name: scorer(prompt_ids, rs) for name, rs in responses.items()} if scorer else {}
         for t in targets:
             rs = responses[t.name]

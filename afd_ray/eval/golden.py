@@ -1,5 +1,6 @@
-"""Golden rewards: a Python ``module:function`` on token ids, or an HF sequence classifier on text; mean
-with standard error; win rate of one policy's responses against another's under the golden reward."""
+"""Golden rewards: a Python ``module:function`` on token ids, or an HF sequence classifier reading (x, y) in
+the format it was trained on; mean with standard error; win rate of one policy's responses against
+another's under the golden reward."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import torch
 Scorer = Callable[[list[list[int]], list[list[int]]], list[float]]
 
 
-def load_golden(spec: str, tokenizer, device: str = "cpu", batch_size: int = 16) -> Scorer | None:
+def load_golden(spec: str, tokenizer, fmt: str = "auto", prompts: dict | None = None, device: str = "cpu",
+                batch_size: int = 16) -> Scorer | None:
     """``module:function(prompts, responses, tokenizer) -> list[float]`` on token ids, or the path / Hub id
-    of an HF ``*ForSequenceClassification`` golden reward model, which scores the decoded (prompt,
-    response) text pair with its own tokenizer (the OpenAssistant reward models' input). Empty: None."""
+    of an HF ``*ForSequenceClassification`` golden reward model, which reads (x, y) in ``fmt``
+    (``run.golden_format``, afd_ray.data.render; ``prompts``: the run's prompt messages by token ids, from
+    ``prompt_messages``). Empty: None."""
     if not spec:
         return None
     module, sep, _ = spec.partition(":")
@@ -23,14 +26,19 @@ def load_golden(spec: str, tokenizer, device: str = "cpu", batch_size: int = 16)
 
         fn = import_function(spec, "run.golden_reward")
         return lambda prompts, responses: [float(x) for x in fn(prompts, responses, tokenizer)]
-    return HFGolden(spec, tokenizer, device, batch_size)
+    return HFGolden(spec, tokenizer, fmt, prompts or {}, device, batch_size)
 
 
 class HFGolden:
-    """An HF sequence classifier as the golden reward: logit 0 of (prompt text, response text)."""
+    """An HF sequence classifier as the golden reward: its logit 0 of (x, y) in the format it was trained on
+    (``fmt``: auto / chat / hh / pair, afd_ray.data.render). ``auto`` is the policy's token ids when the model
+    shares the policy's tokenizer and template, else its chat template, else the text pair."""
 
-    def __init__(self, path: str, policy_tokenizer, device: str = "cpu", batch_size: int = 16):
+    def __init__(self, path: str, policy_tokenizer, fmt: str = "auto", prompts: dict | None = None,
+                 device: str = "cpu", batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from afd_ray.data.render import Rerender, resolve_format, same_input
 
         self.policy_tokenizer, self.device, self.batch_size = policy_tokenizer, device, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -38,15 +46,27 @@ class HFGolden:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if fmt == "auto" and not same_input(policy_tokenizer, self.tokenizer):
+            fmt = "chat" if getattr(self.tokenizer, "chat_template", None) else "pair"
+        self.fmt = resolve_format(fmt, policy_tokenizer, self.tokenizer, "run.golden_format")
+        self.rerender = Rerender(policy_tokenizer, self.tokenizer, self.fmt, prompts or {},
+                                 "run.golden_format") if self.fmt else None
+
+    def _encode(self, prompts: list[list[int]], responses: list[list[int]]) -> dict[str, torch.Tensor]:
+        if self.fmt == "pair":
+            p, r = self.rerender.texts(prompts, responses)
+            return self.tokenizer(p, r, return_tensors="pt", padding=True, truncation=True)
+        if self.fmt is None:
+            ids = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        else:
+            ids = [p + r for p, r in map(self.rerender.one, prompts, responses)]
+        return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
-        dec = self.policy_tokenizer.decode
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            p = [dec(x, skip_special_tokens=True) for x in prompts[i:i + self.batch_size]]
-            r = [dec(x, skip_special_tokens=True) for x in responses[i:i + self.batch_size]]
-            enc = self.tokenizer(p, r, return_tensors="pt", padding=True, truncation=True).to(self.device)
+            enc = self._encode(prompts[i:i + self.batch_size], responses[i:i + self.batch_size]).to(self.device)
             out += self.model(**enc).logits[:, 0].float().tolist()
         return out
 

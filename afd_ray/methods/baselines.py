@@ -20,6 +20,7 @@ import torch
 
 from afd_ray.config import Config
 from afd_ray.data.build import build_data, build_preferences
+from afd_ray.data.render import prompt_messages
 from afd_ray.data.tokenize import Encoded
 from afd_ray.driver import mean, preference_accuracy, preference_pairs, sample_with_probe, synced
 from afd_ray.eval.golden import load_golden
@@ -208,7 +209,8 @@ class SPIN(Baseline):
     def __init__(self, cfg: Config, rd: RunDir, echo=print):
         super().__init__(cfg, rd, echo)
         self.train, self.heldout = build_data(cfg, self.tokenizer)
-        self.golden = load_golden(cfg.run.golden_reward, self.tokenizer)
+        self.golden = load_golden(cfg.run.golden_reward, self.tokenizer, cfg.run.golden_format,
+                                  prompt_messages(self.train, self.heldout))
 
     def probe(self) -> list:
         return self.heldout[:4]

@@ -16,6 +16,7 @@ import torch
 
 from afd_ray.config import Config
 from afd_ray.data.build import build_data, build_preferences
+from afd_ray.data.render import prompt_messages
 from afd_ray.driver import Ahead, Collaborators, LoopState, PreferenceData, evaluate_policy, irl_iteration
 from afd_ray.eval.golden import load_golden
 from afd_ray.replay import DataCursor, PairReplay
@@ -63,7 +64,7 @@ class IRL:
     def __init__(self, cfg: Config, rd: RunDir, echo=print, learn_reward: bool = True,
                  paths: dict[str, str] | None = None, report=None):
         from afd_ray.models.loading import load_tokenizer, resolve_model_path
-        from afd_ray.rewards import RuleRewards
+        from afd_ray.rewards import RuleRewards, fixed_reward_input
 
         rlhf = cfg.run.method == "rlhf"
         learn_reward = learn_reward and not rlhf
@@ -79,7 +80,10 @@ class IRL:
         if rlhf and not cfg.model.reward:  # a served reward model, or the rule rewards alone: no reward actor
             self.roles = tuple(r for r in ROLES if r != "reward")
         elif rlhf:
-            check_reward_model(reward, self.tokenizer)
+            check_reward_model(reward)
+        # a fixed reward model with another tokenizer or template reads each (x, y) re-rendered from the text
+        self.reward_input = fixed_reward_input(cfg, self.tokenizer, prompt_messages(self.train, self.heldout)) \
+            if rlhf and (cfg.model.reward or cfg.reward.url) else None
         self.rules = RuleRewards.from_config(cfg, self.tokenizer)
         if cfg.critic.enabled:
             self.roles = ROLES + ("critic",)
@@ -87,7 +91,8 @@ class IRL:
         self.paths |= paths or {}
         # the learners that are checkpointed (a fixed reward model is not)
         self.learners = [r for r in LEARNERS if r in self.roles and (r != "reward" or learn_reward)]
-        self.golden = load_golden(cfg.run.golden_reward, self.tokenizer)
+        self.golden = load_golden(cfg.run.golden_reward, self.tokenizer, cfg.run.golden_format,
+                                  prompt_messages(self.train, self.heldout))
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite)
         self.system = None
         self.state = None
@@ -95,7 +100,7 @@ class IRL:
         self.metrics: dict[str, float] = {}
 
     def start(self, last: Checkpoint | None) -> None:
-        from afd_ray.rewards import ServedRewardModel
+        from afd_ray.rewards import RerenderedReward, ServedRewardModel
 
         paths = dict(self.paths)
         if last is not None:  # the models of the last checkpoint; the reference stays pi_ref
@@ -109,13 +114,17 @@ class IRL:
             skips = {}
         self.guard = NonFiniteGuard(self.cfg.run.max_nonfinite, skips)  # counts as of the checkpoint
         ensure_ray()
-        self.system = System(self.cfg, paths, self.tokenizer, self.heldout[:4], roles=self.roles)
+        self.system = System(self.cfg, paths, self.tokenizer, self.heldout[:4], roles=self.roles,
+                             reward_tokenizer=self.reward_input.target if self.reward_input else None)
         if last is not None:
             for role in self.learners:
                 self.system.handles[role].load(str(last.path / f"{role}_state"))
         self.system.sync.check()  # the engines start from the same weights as the learner: prove it
-        served = ServedRewardModel(self.cfg.reward.url, self.cfg.reward.served_model) if self.cfg.reward.url else None
-        self.c = Collaborators.of(self.system, self.golden, self.rules, reward=served)
+        reward = ServedRewardModel(self.cfg.reward.url, self.cfg.reward.served_model) if self.cfg.reward.url \
+            else self.system.handles.get("reward")
+        if self.reward_input is not None:
+            reward = RerenderedReward(reward, self.reward_input)
+        self.c = Collaborators.of(self.system, self.golden, self.rules, reward=reward)
 
     def iteration(self, t: int) -> dict[str, float]:
         self.metrics = irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state,
@@ -137,10 +146,10 @@ class IRL:
         self.echo(f"done: {self.rd.path} ({self.rd.path / 'report.md'})")
 
 
-def check_reward_model(path: str, tokenizer) -> None:
+def check_reward_model(path: str) -> None:
     """run.method=rlhf: ``model.reward`` must be a trained reward model (``*ForSequenceClassification`` with
-    one label) that reads the policy's token ids (the same vocabulary)."""
-    from transformers import AutoConfig, AutoTokenizer
+    one label)."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     archs = getattr(config, "architectures", None) or []
@@ -148,10 +157,6 @@ def check_reward_model(path: str, tokenizer) -> None:
         raise ValueError(f"model.reward={path}: run.method=rlhf needs a trained reward model "
                          f"(*ForSequenceClassification, one label), this is {archs or 'unknown'} with "
                          f"{getattr(config, 'num_labels', '?')} labels")
-    theirs = AutoTokenizer.from_pretrained(path)
-    if theirs.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"model.reward={path}: its tokenizer differs from the policy's; a reward model is "
-                         f"scored on the policy's token ids here, so it must share the policy's vocabulary")
 
 
 def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:

@@ -202,6 +202,7 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
     A rerun in the same run directory continues: SFT after its last Ray Train checkpoint, the
     discriminator and Best-of-N are kept once ``bon.json`` is written, the RL stage after its last
     checkpoint (it runs in the runtime's loop, with recovery)."""
+    from afd_ray.data.render import prompt_messages
     from afd_ray.eval.golden import load_golden
     from afd_ray.models.loading import load_tokenizer, resolve_model_path
 
@@ -210,7 +211,7 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
     train, heldout = build_data(cfg, tokenizer)
     if not heldout:
         raise ValueError("inverse_rlignment evaluates Best-of-N on held-out prompts: set data.heldout > 0")
-    golden = load_golden(cfg.run.golden_reward, tokenizer)
+    golden = load_golden(cfg.run.golden_reward, tokenizer, cfg.run.golden_format, prompt_messages(train, heldout))
     ensure_ray()
     done = rd.path / "bon.json"
     kept = json.loads(done.read_text()) if done.is_file() and (rd.path / "reward_model" / "config.json").is_file() \

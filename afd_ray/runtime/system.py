@@ -21,11 +21,12 @@ class System:
 
     ``roles`` picks which groups exist (a Best-of-N run has no policy learner, DPO has no rollout); the
     weight sync exists when both the policy learner and the rollout engines do. ``paths`` maps each role
-    to the model it loads (the reward role: a causal LM backbone or a saved reward model). Every call on
+    to the model it loads (the reward role: a causal LM backbone or a saved reward model; ``reward_tokenizer``:
+    its own when it reads another vocabulary than the policy, for its padding). Every call on
     the groups has the deadline ``run.call_timeout_s``; construction waits until every actor is up."""
 
     def __init__(self, cfg: Config, paths: dict[str, str], tokenizer, probe: list[Encoded],
-                 roles: tuple[str, ...] = ROLES):
+                 roles: tuple[str, ...] = ROLES, reward_tokenizer=None):
         from afd_ray.placement import plan, sync_backend
         from afd_ray.types import SequenceBatch
         from afd_ray.workers import handles
@@ -63,7 +64,7 @@ class System:
             section = getattr(cfg, role)
             spec.update(zero_stage=section.zero_stage, micro_batch_size=section.micro_batch_size,
                         gradient_checkpointing=section.gradient_checkpointing, offload=section.offload)
-            return ActorGroup(cls, p, role, self.groups, LearnerSpec(paths[role], **spec, **common), ranked=True,
+            return ActorGroup(cls, p, role, self.groups, LearnerSpec(paths[role], **(common | spec)), ranked=True,
                               env=threads(role), timeout_s=timeout, log_dir=logs)
 
         try:
@@ -86,7 +87,8 @@ class System:
                 self.handles["policy"] = handles.PolicyGroup(self.policy)
             if "reward" in roles:
                 self.reward = learner(RewardLearner, "reward", lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip,
-                                      freeze_layers=cfg.reward.freeze_layers)
+                                      freeze_layers=cfg.reward.freeze_layers,
+                                      **({"pad_token_id": reward_tokenizer.pad_token_id} if reward_tokenizer else {}))
                 self.handles["reward"] = handles.RewardGroup(self.reward)
             if "reference" in roles:
                 self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, paths["reference"],
