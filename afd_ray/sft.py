@@ -32,6 +32,8 @@ import torch
 
 from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded
+from afd_ray.progress import bar, follow, put
+from afd_ray.workers.logs import actor_env, run_log_dir
 
 log = logging.getLogger("afd_ray")
 
@@ -165,6 +167,7 @@ def train_loop(config: dict) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not one INFO line per reported step
     job = SFTJob(**config["job"])
     tokenizer = load_tokenizer(job.tokenizer_path)  # saved with the model at every checkpoint
+    progress = config.get("progress")  # afd_ray.progress.follow's queue: the driver's bar
     data = ray.get(config["data"])
     heldout = ray.get(config["heldout"])
     ctx = ray.train.get_context()
@@ -251,6 +254,8 @@ def train_loop(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        if rank == 0:
+            put(progress, metrics)
 
 
 def _all_max(value: int, device) -> float:
@@ -276,7 +281,7 @@ def train_sft(cfg: Config, demos: list[Encoded], out_dir: str | Path, model_path
     after the last checkpoint (a finished job returns at once with its final model)."""
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from afd_ray.models.loading import load_tokenizer
@@ -303,19 +308,25 @@ def train_sft(cfg: Config, demos: list[Encoded], out_dir: str | Path, model_path
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // cfg.sft.num_workers))
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"job": asdict(job), "data": ray.put([(d.prompt_ids, d.response_ids) for d in demos]),
-                           "heldout": ray.put([(d.prompt_ids, d.response_ids) for d in heldout or []])},
-        scaling_config=ScalingConfig(num_workers=cfg.sft.num_workers, use_gpu=gpu,
-                                     resources_per_worker={"GPU": 1, "CPU": 1} if gpu else {"CPU": 0.5}),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(name="ray_train", storage_path=str(out),
-                             failure_config=FailureConfig(max_failures=cfg.sft.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": env}))
+    env |= actor_env(run_log_dir(cfg), "sft", None)  # the workers' output to RUN_DIR/logs/sft.log
     t0 = time.perf_counter()
-    result = trainer.fit()
+    with follow(bar(steps, "SFT", unit="step")) as progress:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"job": asdict(job), "data": ray.put([(d.prompt_ids, d.response_ids) for d in demos]),
+                               "heldout": ray.put([(d.prompt_ids, d.response_ids) for d in heldout or []]),
+                               "progress": progress},
+            scaling_config=ScalingConfig(num_workers=cfg.sft.num_workers, use_gpu=gpu,
+                                         resources_per_worker={"GPU": 1, "CPU": 1} if gpu else {"CPU": 0.5}),
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            run_config=RunConfig(name="ray_train", storage_path=str(out),
+                                 failure_config=FailureConfig(max_failures=cfg.sft.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 worker_runtime_env={"env_vars": env},
+                                 # Ray Train's own INFO lines (a "Reporting training result" per step) only
+                                 # under run.verbose; warnings always
+                                 logging_config=LoggingConfig("INFO" if cfg.run.verbose else "WARNING")))
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"the SFT job in {out} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:

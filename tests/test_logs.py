@@ -1,9 +1,12 @@
 """Per-role log files (afd_ray.workers.logs): an actor's output goes to its file, and only afd_ray's warnings
 and errors reach the console, prefixed with role and rank."""
 
+import io
 import os
 import subprocess
 import sys
+
+import pytest
 
 from afd_ray.workers import logs
 
@@ -37,3 +40,40 @@ def test_without_a_log_file_nothing_changes(tmp_path):
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=60)
     assert "stdout line" in out.stdout and "their warning" in out.stderr
     assert logs.actor_env(None, "policy", 0) == {}
+
+
+def test_a_progress_bar_is_silent_off_a_terminal(capsys):
+    from afd_ray.progress import bar, follow, put
+
+    b = bar(10, "SFT", unit="step")  # pytest's stderr is no terminal
+    assert b.disable
+    b.update(3)
+    with follow(b) as q:
+        assert q is None  # no queue, no actor
+        put(q, {"step": 1})
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_a_remote_jobs_steps_move_the_drivers_bar(ray_local):
+    """The SFT job's rank 0 puts each step's metrics on a Ray queue; a driver thread moves the bar."""
+    import time
+
+    from afd_ray.progress import bar, follow, put
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    b = bar(20, "SFT", unit="step", file=tty)
+    assert not b.disable
+    with follow(b) as q:
+        put(q, {"step": 3, "loss": 1.5})
+        put(q, {"step": 7, "loss": 1.25})
+        deadline = time.time() + 20
+        while b.n != 7 and time.time() < deadline:
+            time.sleep(0.1)
+        assert b.n == 7
+        shown = tty.getvalue()
+    assert "SFT" in shown and "7/20" in shown and "loss=1.25" in shown

@@ -71,5 +71,6 @@ def test_ray_train_sft_learns_and_recovers_from_a_crashed_worker(ray_local, toy_
 
     assert golden(sft_dir / "model") > golden(toy_init) + 0.1
     assert "heldout_nll" in (rd.path / "report.md").read_text()
+    assert "RayTrainWorker" in (rd.path / "logs" / "sft.log").read_text()  # the workers' output
     card = (sft_dir / "model" / "README.md").read_text()  # pi_SFT's model card
     assert "afd_ray (sft)" in card and "step 20" in card and "| sft/loss |" in card

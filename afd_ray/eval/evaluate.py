@@ -58,15 +58,17 @@ def resolve_target(arg: str) -> Target:
 
 @torch.no_grad()
 def generate(policy, prompts: list[list[int]], pad_token_id: int, eos_token_id: int, max_new_tokens: int,
-             temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[list[int]]:
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 16, desc: str = "generate") -> list[list[int]]:
     """One response per prompt (token ids, ending at eos when the model stopped), HF generate in-process.
     ``policy``: a model path, or a model already loaded (callers that generate many times)."""
     from afd_ray.data.tokenize import left_pad
     from afd_ray.models.loading import load_policy
+    from afd_ray.progress import bar
 
     model = load_policy(policy).eval() if isinstance(policy, str) else policy
     torch.manual_seed(seed)
     out = []
+    progress = bar(len(prompts), desc, unit="prompt")
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[i:i + batch_size], pad_token_id)
         kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
@@ -74,6 +76,8 @@ def generate(policy, prompts: list[list[int]], pad_token_id: int, eos_token_id: 
                              pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)[:, ids.shape[1]:]
         for row in gen.tolist():
             out.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
+        progress.update(len(gen))
+    progress.close()
     return out
 
 
@@ -145,7 +149,8 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
                                                device, dtype) for t in targets}
         elif engine == "hf":
             responses = {t.name: generate(t.policy, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                          max_new_tokens, temperature, seed) for t in targets}
+                                          max_new_tokens, temperature, seed, desc=f"generate {t.name}")
+                         for t in targets}
         else:
             raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
         texts = {name: [tokenizer.decode(r, skip_special_tokens=True) for r in rs] for name, rs in responses.items()}
@@ -177,7 +182,7 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
         for t in targets:
             if t.name == base:
                 continue
-            verdicts[t.name] = pj.compare(prompt_text, texts[t.name], texts[base]).summary()
+            verdicts[t.name] = pj.compare(prompt_text, texts[t.name], texts[base], desc=f"judge {t.name}").summary()
         result["judge"] = {"baseline": base, "template": pj.template, "model": judge["model"], "results": verdicts}
         if verdicts:
             plots["judge.png"] = plot_judge(verdicts, out_dir / "judge.png", f"judge vs {base}")

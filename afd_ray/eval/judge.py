@@ -21,7 +21,7 @@ import random
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -199,10 +199,16 @@ class JudgeClient:
             log.warning("judge answer has no verdict, attempt %d of %d", attempt + 1, self.max_retries + 1)
         return None
 
-    def map(self, fn, items: list) -> list:
-        """``fn(i, item)`` for every item, ``max_concurrency`` at a time, results in order."""
-        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            return [f.result() for f in [pool.submit(fn, i, x) for i, x in enumerate(items)]]
+    def map(self, fn, items: list, desc: str = "judge") -> list:
+        """``fn(i, item)`` for every item, ``max_concurrency`` at a time, results in order (a progress bar
+        ``desc`` on a terminal)."""
+        from afd_ray.progress import bar
+
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool, bar(len(items), desc) as progress:
+            futures = [pool.submit(fn, i, x) for i, x in enumerate(items)]
+            for _ in as_completed(futures):
+                progress.update(1)
+            return [f.result() for f in futures]
 
 
 class PairwiseJudge:
@@ -221,7 +227,8 @@ class PairwiseJudge:
         content = TEMPLATES[self.template].format(prompt=prompt, a=a, b=b)
         return self.client.ask([{"role": "user", "content": content}], parse_verdict, result)
 
-    def compare(self, prompts: list[str], candidate: list[str], baseline: list[str]) -> JudgeResult:
+    def compare(self, prompts: list[str], candidate: list[str], baseline: list[str], desc: str = "judge"
+                ) -> JudgeResult:
         """Judge candidate[i] against baseline[i] for every prompt, both orders each."""
         if not len(prompts) == len(candidate) == len(baseline):
             raise ValueError(f"judge: {len(prompts)} prompts, {len(candidate)} candidate and {len(baseline)} "
@@ -235,5 +242,5 @@ class PairwiseJudge:
             out = combine(first, second)
             return Comparison(i, out, (first, second), "" if out != "failed" else "no verdict after retries")
 
-        result.comparisons = self.client.map(one, list(zip(prompts, candidate, baseline)))
+        result.comparisons = self.client.map(one, list(zip(prompts, candidate, baseline)), desc)
         return result

@@ -132,7 +132,7 @@ def grade(client: JudgeClient, questions: list[Question], answers: list[list[str
         content = SINGLE_TEMPLATE.format(focus=focus, conversation=_conversation(q, answers[qi], k))
         return client.ask([{"role": "user", "content": content}], parse_rating, usage)
 
-    flat = client.map(one, items)
+    flat = client.map(one, items, "MT-Bench grading")
     ratings: list[list[float | None]] = [[None] * len(q.turns) for q in questions]
     for (qi, k), r in zip(items, flat):
         ratings[qi][k] = r

@@ -31,6 +31,7 @@ from afd_ray.algo.selection import BestOfNState
 from afd_ray.config import Config
 from afd_ray.data.build import build_data
 from afd_ray.data.tokenize import Encoded
+from afd_ray.progress import bar
 from afd_ray.runtime.files import atomic_write
 from afd_ray.runtime.guard import NonFiniteError, finite
 from afd_ray.runtime.loop import drive, summary_line
@@ -101,34 +102,36 @@ def best_of_n(generate: Callable[[list[list[int]], SamplingSpec], Samples],
     it out) instead of it being kept.
     """
     rows = {n: BoNRow(n) for n in ns}
-    for lo in range(0, len(prompts), prompt_batch):
-        batch = prompts[lo:lo + prompt_batch]
-        state, best = BestOfNState.empty(len(batch)), [None] * len(batch)
-        plain_golden = None
-        chunk_id = 0
-        for n in ns:
-            while state.seen < n:
-                c = min(sample_chunk, n - state.seen)
-                seed = None if spec.seed is None else spec.seed + 10_007 * chunk_id + lo
-                s = generate(batch, SamplingSpec(n=c, temperature=spec.temperature, top_p=spec.top_p,
-                                                 max_tokens=spec.max_tokens, seed=seed))
-                r = score(SequenceBatch([p for p in batch for _ in range(c)], s.response_ids)).view(len(batch), c)
-                before = state.seen
-                improved = state.update(r)
-                for i in improved.nonzero().flatten().tolist():
-                    best[i] = s.response_ids[i * c + int(state.index_P[i]) - before]
-                chunk_id += 1
-            chosen = list(best)
-            row = rows[n]
-            row.reward += state.reward_P.tolist()
-            if golden is not None:
-                g = golden(batch, chosen)
-                if plain_golden is None:
-                    plain_golden = g  # the first N's selection: with ns[0] = 1, the plain sample
-                row.golden += g
-                row.wins_vs_plain += sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(g, plain_golden))
-            if sink is not None:
-                sink(n, batch, chosen, state.reward_P.tolist())
+    with bar(len(prompts) * ns[-1], "Best-of-N", unit="sample") as progress:
+        for lo in range(0, len(prompts), prompt_batch):
+            batch = prompts[lo:lo + prompt_batch]
+            state, best = BestOfNState.empty(len(batch)), [None] * len(batch)
+            plain_golden = None
+            chunk_id = 0
+            for n in ns:
+                while state.seen < n:
+                    c = min(sample_chunk, n - state.seen)
+                    seed = None if spec.seed is None else spec.seed + 10_007 * chunk_id + lo
+                    s = generate(batch, SamplingSpec(n=c, temperature=spec.temperature, top_p=spec.top_p,
+                                                     max_tokens=spec.max_tokens, seed=seed))
+                    r = score(SequenceBatch([p for p in batch for _ in range(c)], s.response_ids)).view(len(batch), c)
+                    before = state.seen
+                    improved = state.update(r)
+                    for i in improved.nonzero().flatten().tolist():
+                        best[i] = s.response_ids[i * c + int(state.index_P[i]) - before]
+                    chunk_id += 1
+                    progress.update(len(batch) * c)
+                chosen = list(best)
+                row = rows[n]
+                row.reward += state.reward_P.tolist()
+                if golden is not None:
+                    g = golden(batch, chosen)
+                    if plain_golden is None:
+                        plain_golden = g  # the first N's selection: with ns[0] = 1, the plain sample
+                    row.golden += g
+                    row.wins_vs_plain += sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(g, plain_golden))
+                if sink is not None:
+                    sink(n, batch, chosen, state.reward_P.tolist())
     return rows
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded
@@ -32,6 +31,7 @@ class System:
         from afd_ray.workers import handles
         from afd_ray.workers.deepspeed_rank import LearnerSpec
         from afd_ray.workers.group import ActorGroup, reserve
+        from afd_ray.workers.logs import run_log_dir
         from afd_ray.workers.policy import PolicyLearner
         from afd_ray.workers.reference import ReferenceServer
         from afd_ray.workers.reward import RewardLearner
@@ -51,7 +51,7 @@ class System:
         timeout = cfg.run.call_timeout_s
         backend = sync_backend(cfg)
         # each actor's output to RUN_DIR/logs/<role>-<rank>.log, its warnings and errors to the console
-        logs = str(Path(cfg.run.output_dir) / cfg.run.name / "logs") if cfg.run.name and not cfg.run.verbose else None
+        logs = run_log_dir(cfg)
         # dropping the weights in sleep (level 2) is safe only when a learner re-sends them after each wake
         sleep_level = cfg.rollout.sleep_level if "policy" in roles else 1
         self.rollout = self.policy = self.reward = self.reference = self.critic = None

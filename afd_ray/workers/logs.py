@@ -20,11 +20,20 @@ NAME_ENV = "AFD_RAY_LOG_NAME"  # its role and rank, the console prefix
 HOOK = "afd_ray.workers.logs.setup"
 
 
-def actor_env(log_dir: str | Path | None, role: str, rank: int) -> dict[str, str]:
-    """The environment variables that send actor ``role``-``rank``'s output to its file (none: unchanged)."""
+def run_log_dir(cfg) -> Path | None:
+    """``RUN_DIR/logs`` of a named run, where its actors write; None under ``run.verbose`` (all to the console)."""
+    if not cfg.run.name or cfg.run.verbose:
+        return None
+    return Path(cfg.run.output_dir) / cfg.run.name / "logs"
+
+
+def actor_env(log_dir: str | Path | None, role: str, rank: int | None) -> dict[str, str]:
+    """The environment variables that send actor ``role``-``rank``'s output to its file (none: unchanged);
+    rank None: every process of ``role`` shares ``role.log``."""
     if log_dir is None:
         return {}
-    return {FILE_ENV: str(Path(log_dir) / f"{role}-{rank}.log"), NAME_ENV: f"{role}-{rank}"}
+    name = role if rank is None else f"{role}-{rank}"
+    return {FILE_ENV: str(Path(log_dir) / f"{name}.log"), NAME_ENV: name}
 
 
 class _ForConsole(logging.Filter):
