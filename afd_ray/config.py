@@ -52,8 +52,10 @@ class ModelConfig:
     run.method=rlhf: the frozen reward model (a saved *ForSequenceClassification); empty = the rule rewards of
     reward.functions alone, and no reward actor."""
     sft: str = ""
-    """pi_SFT (an HF path). inverse_rlignment: empty = train it first from model.policy with the `sft`
-    section (a Ray Train job). spin, dpo, ipo, bt_rm start from it when given, else from model.policy."""
+    """pi_SFT (an HF path). irl, aihf and inverse_rlignment: empty = train it first from model.policy on the
+    demonstrations with the `sft` section (a Ray Train job); irl and aihf then run the loop from pi_SFT with
+    pi_ref = pi_SFT and the reward backbone pi_SFT (seeds/002, seeds/004); `none`: from model.policy as given
+    (not for inverse_rlignment). spin, dpo, ipo, bt_rm start from it when given, else from model.policy."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Parameter dtype of learners, reference and rollout engines; auto = bfloat16 where the hardware computes it
     natively (every GPU afd_ray supports; a CPU with AVX512-BF16 or AMX-BF16, ``native_bf16``), else float32
@@ -719,6 +721,8 @@ def validate(cfg: Config) -> None:
     need(cfg.reward.overlong_buffer <= cfg.rollout.max_new_tokens,
          f"reward.overlong_buffer ({cfg.reward.overlong_buffer}) must be at most rollout.max_new_tokens "
          f"({cfg.rollout.max_new_tokens})")
+    need(cfg.model.sft != "none" or cfg.run.method != "inverse_rlignment",
+         "model.sft=none: inverse_rlignment needs pi_SFT, give its path or leave model.sft empty to train it")
     if cfg.run.method == "rlhf":
         need(bool(cfg.model.reward or cfg.reward.url or cfg.reward.functions),
              "run.method=rlhf trains on a fixed reward: set model.reward (a *ForSequenceClassification reward "

@@ -17,9 +17,12 @@ def toy_cfg(sft, out, name, *overrides):
     return load_config("toy", [f"model.policy={sft}", f"run.output_dir={out}", f"run.name={name}", *overrides])
 
 
-def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_sft, tmp_path):
-    rd = run(toy_cfg(toy_sft, tmp_path, "one", "run.iterations=2", "rollout.prompts_per_iteration=8",
-                     "reward.replay_window=-1", "run.wandb_project=afd-test", "run.wandb_mode=offline"),
+def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_init, toy_sft, tmp_path):
+    """The loop from pi_SFT (model.sft; seeds/002, seeds/004): policy, reference and reward backbone start
+    from it, whatever model.policy is; the report scores pi_SFT's held-out samples beside the final policy's."""
+    rd = run(toy_cfg(toy_init, tmp_path, "one", f"model.sft={toy_sft}", "run.iterations=2",
+                     "rollout.prompts_per_iteration=8", "reward.replay_window=-1", "run.wandb_project=afd-test",
+                     "run.wandb_mode=offline"),
              echo=lambda *_: None)
     ms = rd.metrics()
     assert [m["iteration"] for m in ms] == [1.0, 2.0]
@@ -38,6 +41,9 @@ def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_sft, t
         assert "policy_algo" not in card and "algo: rloo" in card  # the config, as YAML
     report = (rd.path / "report.md").read_text()
     assert "Time per phase" in report and "final/heldout_policy" in report
+    versus = report.split("pi_SFT and the final policy")[1]
+    assert "| heldout_policy |" in versus and "| reward_accuracy |" in versus
+    assert len(json.loads((rd.path / "sft_heldout.json").read_text())) == 128  # pi_SFT's held-out responses
     for m in ms:  # each rate is its role's work over its phase time: both give the same count
         assert m["throughput/reward_pairs_per_s"] * m["time/reward"] == pytest.approx(m["replay_pairs"])
         generated = m["throughput/tokens_per_s"] * m["time/iteration"]

@@ -135,8 +135,9 @@ def test_a_golden_model_is_scored_in_its_own_chat_template(tokenizer, encoded, t
 @pytest.mark.slow
 def test_rlhf_on_a_reward_model_with_another_tokenizer_scores_it_in_its_own_template(
         ray_local, tokenizer, encoded, tmp_path):
-    """The reward actor of run.method=rlhf holds a model of another vocabulary: it gets the re-rendered ids
-    and pads with its own pad token, and scores as the model does in process on its own chat template."""
+    """The reward actor of run.method=rlhf (a scoring replica, no optimizer) holds a model of another
+    vocabulary: it gets the re-rendered ids, pads with its own pad token, and scores as the model does in
+    process on its own chat template."""
     from transformers import AutoModelForSequenceClassification
 
     from afd_ray.methods.irl import check_reward_model
@@ -148,8 +149,10 @@ def test_rlhf_on_a_reward_model_with_another_tokenizer_scores_it_in_its_own_temp
     check_reward_model(path)
     cfg = load_config("toy", ["model.policy=x", "run.method=rlhf", f"model.reward={path}", "reward.micro_batch_size=2"])
     rr = fixed_reward_input(cfg, tokenizer, prompt_messages(encoded))
-    system = System(cfg, {"reward": path}, tokenizer, [], roles=("reward",), reward_tokenizer=rr.target)
+    system = System(cfg, {"reward": path}, tokenizer, [], roles=("reward",), reward_tokenizer=rr.target,
+                    fixed_reward=True)
     try:
+        assert type(system.handles["reward"]).__name__ == "FixedReward"
         seqs = SequenceBatch([e.prompt_ids for e in encoded], [e.response_ids[:n] for e, n in zip(encoded, (99, 4, 99))])
         scores = RerenderedReward(system.handles["reward"], rr).score(seqs)
     finally:

@@ -9,6 +9,7 @@ states (weights, optimizer, RNG), plus ``loop.pt``: the data cursors and the pai
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +18,15 @@ import torch
 from afd_ray.config import Config
 from afd_ray.data.build import build_data, build_preferences
 from afd_ray.data.render import prompt_messages
-from afd_ray.driver import Ahead, Collaborators, LoopState, PreferenceData, evaluate_policy, irl_iteration
+from afd_ray.driver import (
+    Ahead,
+    Collaborators,
+    LoopState,
+    PreferenceData,
+    evaluate_policy,
+    heldout_diagnostics,
+    irl_iteration,
+)
 from afd_ray.eval.golden import load_golden
 from afd_ray.replay import DataCursor, PairReplay
 from afd_ray.runtime.card import write_model_card
@@ -89,6 +98,11 @@ class IRL:
             self.roles = ROLES + ("critic",)
             self.paths["critic"] = resolve_model_path(cfg.critic.model) if cfg.critic.model else reward
         self.paths |= paths or {}
+        # seeds/002 and seeds/004 run the loop from pi_SFT, with pi_ref = pi_SFT: model.sft, or (empty) trained
+        # first on the same demonstrations; model.sft=none starts from model.policy as given
+        self.sft = None
+        if cfg.run.method in ("irl", "aihf") and cfg.model.sft != "none":
+            self.sft = resolve_model_path(cfg.model.sft) if cfg.model.sft else ""
         # the learners that are checkpointed (a fixed reward model is not)
         self.learners = [r for r in LEARNERS if r in self.roles and (r != "reward" or learn_reward)]
         self.golden = load_golden(cfg.run.golden_reward, self.tokenizer, cfg.run.golden_format,
@@ -102,6 +116,9 @@ class IRL:
     def start(self, last: Checkpoint | None) -> None:
         from afd_ray.rewards import RerenderedReward, ServedRewardModel
 
+        ensure_ray()
+        if self.sft is not None:
+            self.paths = self.from_sft(self.paths)
         paths = dict(self.paths)
         if last is not None:  # the models of the last checkpoint; the reference stays pi_ref
             paths |= {r: str(last.path / r) for r in self.learners}
@@ -113,9 +130,9 @@ class IRL:
                                    if self.prefs else None)
             skips = {}
         self.guard = NonFiniteGuard(self.cfg.run.max_nonfinite, skips)  # counts as of the checkpoint
-        ensure_ray()
         self.system = System(self.cfg, paths, self.tokenizer, self.heldout[:4], roles=self.roles,
-                             reward_tokenizer=self.reward_input.target if self.reward_input else None)
+                             reward_tokenizer=self.reward_input.target if self.reward_input else None,
+                             fixed_reward=not self.learn_reward)
         if last is not None:
             for role in self.learners:
                 self.system.handles[role].load(str(last.path / f"{role}_state"))
@@ -125,6 +142,31 @@ class IRL:
         if self.reward_input is not None:
             reward = RerenderedReward(reward, self.reward_input)
         self.c = Collaborators.of(self.system, self.golden, self.rules, reward=reward)
+        if self.sft is not None and last is None and self.heldout:
+            self.sample_sft()
+
+    def from_sft(self, paths: dict[str, str]) -> dict[str, str]:
+        """``paths`` with pi_SFT for every role that starts from the initial policy (rollout, policy, and the
+        reward backbone and reference unless given); pi_SFT trained first when not given (a finished SFT
+        job of this run is reused: resume and recovery train it once)."""
+        if not self.sft:
+            from afd_ray.sft import train_sft
+
+            self.echo(f"pi_SFT first: SFT on the {len(self.train)} demonstrations (model.sft=none skips it)")
+            self.sft = str(train_sft(self.cfg, self.train, self.rd.path / "sft", self.initial, heldout=self.heldout,
+                                     echo=self.echo))
+        return {r: self.sft if p == self.initial else p for r, p in paths.items()}
+
+    def sample_sft(self) -> None:
+        """pi_SFT's responses to the held-out prompts, drawn once before the first policy step and kept in
+        ``sft_heldout.json``: the report scores them with the final reward model (and golden reward) beside
+        the final policy's."""
+        from afd_ray.driver import sampling
+        from afd_ray.runtime.files import atomic_write
+
+        # the seed of the final evaluation's sample (evaluate_policy): the two differ by the policy alone
+        probe = self.c.rollout.generate([d.prompt_ids for d in self.heldout], sampling(self.cfg, -10**6, n=1))
+        atomic_write(self.rd.path / "sft_heldout.json", json.dumps(probe.response_ids))
 
     def iteration(self, t: int) -> dict[str, float]:
         self.metrics = irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state,
@@ -142,6 +184,10 @@ class IRL:
 
     def finish(self) -> None:
         final = evaluate_policy(self.cfg, self.heldout, self.c) if self.heldout else {}
+        kept = self.rd.path / "sft_heldout.json"
+        if kept.is_file():  # pi_SFT's held-out responses under the same final reward model and golden reward
+            scored = heldout_diagnostics(self.heldout, json.loads(kept.read_text()), self.c)
+            final |= {f"pi_sft/{k.split('/', 1)[1]}": v for k, v in scored.items()}
         (self.report or write_report)(self.rd, self.cfg, final)
         self.echo(f"done: {self.rd.path} ({self.rd.path / 'report.md'})")
 
@@ -166,6 +212,8 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
 
 
 def write_report(rd: RunDir, cfg: Config, final: dict) -> None:
+    """report.md: the per-iteration table, phase times, the final policy on held-out prompts and, for a
+    loop from pi_SFT, pi_SFT beside it under the same final reward model and golden reward."""
     from afd_ray.eval.report import metrics_table, phase_times
     from afd_ray.eval.report import write_report as write
 
@@ -175,8 +223,14 @@ def write_report(rd: RunDir, cfg: Config, final: dict) -> None:
                ("time/iteration", "iteration s")]
     sections = [("Per iteration", metrics_table(ms, columns)),
                 ("Time per phase (mean seconds per iteration)", phase_times(ms))]
-    if final:
-        sections.append(("Final policy on held-out prompts", [f"- {k}: {v:.4f}" for k, v in sorted(final.items())]))
+    versus = sorted(k.split("/", 1)[1] for k in final if k.startswith("pi_sft/") and "final/" + k[7:] in final)
+    if versus:
+        sections.append(("pi_SFT and the final policy on held-out prompts (the final reward model)",
+                         ["| | pi_SFT | final policy |", "|---|---|---|"]
+                         + [f"| {k} | {final['pi_sft/' + k]:.4f} | {final['final/' + k]:.4f} |" for k in versus]))
+    rest = {k: v for k, v in final.items() if not k.startswith("pi_sft/")}
+    if rest:
+        sections.append(("Final policy on held-out prompts", [f"- {k}: {v:.4f}" for k, v in sorted(rest.items())]))
     write(rd.path, f"Run report: {rd.path.name}", sections,
           intro=f"method `{cfg.run.method}`, policy algo `{cfg.policy.algo}`, model `{cfg.model.policy}`, "
                 f"demonstrations `{cfg.data.demonstrations}`, {len(ms)} iterations.")

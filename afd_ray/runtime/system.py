@@ -21,11 +21,12 @@ class System:
     ``roles`` picks which groups exist (a Best-of-N run has no policy learner, DPO has no rollout); the
     weight sync exists when both the policy learner and the rollout engines do. ``paths`` maps each role
     to the model it loads (the reward role: a causal LM backbone or a saved reward model; ``reward_tokenizer``:
-    its own when it reads another vocabulary than the policy, for its padding). Every call on
+    its own when it reads another vocabulary than the policy, for its padding; ``fixed_reward``: the reward
+    model is only scored, by ``RewardServer`` replicas without optimizer state). Every call on
     the groups has the deadline ``run.call_timeout_s``; construction waits until every actor is up."""
 
     def __init__(self, cfg: Config, paths: dict[str, str], tokenizer, probe: list[Encoded],
-                 roles: tuple[str, ...] = ROLES, reward_tokenizer=None):
+                 roles: tuple[str, ...] = ROLES, reward_tokenizer=None, fixed_reward: bool = False):
         from afd_ray.placement import plan, sync_backend
         from afd_ray.types import SequenceBatch
         from afd_ray.workers import handles
@@ -34,7 +35,7 @@ class System:
         from afd_ray.workers.logs import run_log_dir
         from afd_ray.workers.policy import PolicyLearner
         from afd_ray.workers.reference import ReferenceServer
-        from afd_ray.workers.reward import RewardLearner
+        from afd_ray.workers.reward import RewardLearner, RewardServer
         from afd_ray.workers.rollout import RolloutWorker
 
         p = plan(cfg, roles)
@@ -85,10 +86,15 @@ class System:
                 self.policy = learner(PolicyLearner, "policy", lr=cfg.policy.lr, warmup_steps=cfg.policy.warmup_steps,
                                       weight_decay=cfg.policy.weight_decay, grad_clip=cfg.policy.grad_clip)
                 self.handles["policy"] = handles.PolicyGroup(self.policy)
-            if "reward" in roles:
+            reward_pad = reward_tokenizer.pad_token_id if reward_tokenizer else pad
+            if "reward" in roles and fixed_reward:
+                self.reward = ActorGroup(RewardServer, p, "reward", self.groups, paths["reward"], dtype=cfg.model.dtype,
+                                         micro_batch_size=cfg.reward.micro_batch_size, pad_token_id=reward_pad,
+                                         device=cfg.run.device, env=threads("reward"), timeout_s=timeout, log_dir=logs)
+                self.handles["reward"] = handles.FixedReward(self.reward)
+            elif "reward" in roles:
                 self.reward = learner(RewardLearner, "reward", lr=cfg.reward.lr, grad_clip=cfg.reward.grad_clip,
-                                      freeze_layers=cfg.reward.freeze_layers,
-                                      **({"pad_token_id": reward_tokenizer.pad_token_id} if reward_tokenizer else {}))
+                                      freeze_layers=cfg.reward.freeze_layers, pad_token_id=reward_pad)
                 self.handles["reward"] = handles.RewardGroup(self.reward)
             if "reference" in roles:
                 self.reference = ActorGroup(ReferenceServer, p, "reference", self.groups, paths["reference"],
@@ -112,7 +118,7 @@ class System:
                 pool.learner, pool.push = self.handles["policy"], self.sync.sync
             if cfg.run.colocate and "rollout" in self.handles:  # the learners give the GPUs to waking engines
                 self.handles["rollout"].learners = [self.handles[r] for r in ("policy", "reward", "critic")
-                                                    if r in self.handles]
+                                                    if r in self.handles and not (r == "reward" and fixed_reward)]
         except BaseException:
             self.shutdown()
             raise

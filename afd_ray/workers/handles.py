@@ -173,22 +173,39 @@ class CriticGroup(_LearnerGroup):
         return self.group.call("update", ray.put(seqs), ray.put(returns), ray.put(old_values), clip, coef)[0]
 
 
-class Reference:
-    """Data-parallel replicas of the frozen pi_ref (one per GPU it is given): a batch is split into
+class _Replicas:
+    """Data-parallel replicas of a frozen model (one per slot it is given): a batch is split into
     contiguous chunks, one per replica, and the answers joined in order."""
 
     def __init__(self, group: ActorGroup):
         self.group = group
 
-    def submit_logprobs(self, seqs: SequenceBatch) -> Pending:
+    def _submit(self, verb: str, seqs: SequenceBatch) -> Pending:
         k, n = self.group.world_size, len(seqs)
         bounds = [i * n // k for i in range(k + 1)]
-        return self.group.submit_each("logprobs", [
+        return self.group.submit_each(verb, [
             (SequenceBatch(seqs.prompts[a:b], seqs.responses[a:b]),) if b > a else None
             for a, b in zip(bounds, bounds[1:])]).then(lambda parts: [row for part in parts for row in part])
 
+
+class Reference(_Replicas):
+    """The frozen pi_ref's replicas."""
+
+    def submit_logprobs(self, seqs: SequenceBatch) -> Pending:
+        return self._submit("logprobs", seqs)
+
     def logprobs(self, seqs: SequenceBatch) -> list[list[float]]:
         return self.submit_logprobs(seqs).result()
+
+
+class FixedReward(_Replicas):
+    """A fixed reward model's replicas (``RewardServer``): scores, nothing to train or checkpoint."""
+
+    def submit_score(self, seqs: SequenceBatch) -> Pending:
+        return self._submit("score", seqs).then(lambda rows: torch.tensor(rows, dtype=torch.float32))
+
+    def score(self, seqs: SequenceBatch) -> torch.Tensor:
+        return self.submit_score(seqs).result()
 
 
 class WeightSync:

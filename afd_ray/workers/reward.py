@@ -1,4 +1,5 @@
-"""RewardLearner: DeepSpeed ranks of r_phi (causal-LM backbone + scalar head). Verbs: score, update, save, load."""
+"""RewardLearner: DeepSpeed ranks of r_phi (causal-LM backbone + scalar head). Verbs: score, update, save, load.
+RewardServer: a fixed reward model (run.method=rlhf, Inverse-RLignment's RL stage), scored only."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from afd_ray import faults
 from afd_ray.algo.losses import discriminator_loss, pairwise_reward_loss
+from afd_ray.data.tokenize import collate
 from afd_ray.types import PairBatch, SequenceBatch
 from afd_ray.workers.deepspeed_rank import DeepSpeedRank
 
@@ -68,3 +70,32 @@ class RewardLearner(DeepSpeedRank):
             return value, {"accuracy": acc, "reward_gap": float(gap.sum()) / n if not empty else 0.0}
 
         return self._step(micro, len(mine))
+
+
+class RewardServer:
+    """A fixed reward model: one verb, ``score``. No optimizer, no DeepSpeed: a frozen r held as a learner
+    would carry fp32 master weights and AdamW moments it never uses (16 bytes a parameter, 112 GB for a 7B
+    reward model), so like ``ReferenceServer`` it is the model in ``dtype`` alone, one replica per slot."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 8, pad_token_id: int = 0,
+                 device: str = "cpu"):
+        from afd_ray.models.loading import load_reward_model
+
+        self.device = torch.device("cuda" if device == "gpu" else "cpu")
+        self.model = load_reward_model(model_path, dtype).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.micro_batch_size, self.pad_token_id = micro_batch_size, pad_token_id
+
+    @torch.no_grad()
+    def score(self, seqs: SequenceBatch) -> list[float]:
+        """r(x, y) of each sequence, in order (computed in micro-batches of similar length)."""
+        from afd_ray.models.loading import reward_forward
+
+        order, out = seqs.by_length(), [0.0] * len(seqs)
+        for i in range(0, len(seqs), self.micro_batch_size):
+            rows = order[i:i + self.micro_batch_size]
+            b = collate([seqs.prompts[j] for j in rows], [seqs.responses[j] for j in rows], self.pad_token_id)
+            r = reward_forward(self.model, b.input_ids.to(self.device), b.attention_mask.to(self.device))
+            for j, v in zip(rows, r.tolist()):
+                out[j] = v
+        return faults.corrupt("reward.score", torch.tensor(out)).tolist()  # tests: a reward model gone NaN
