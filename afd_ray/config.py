@@ -149,9 +149,12 @@ class PolicyConfig:
     beta: float = 0.05
     """KL weight beta in max E[r] - beta KL(pi || pi_ref) (seeds/004 Eq. 21b)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator (algo/kl.py)."""
-    kl_in_reward: bool = True
-    """Fold the KL into the reward (Protocol 5) instead of adding it to the loss."""
+    """Per-token KL estimator (algo/kl.py) of the KL folded into the reward (policy.kl=reward)."""
+    kl: Literal["auto", "reward", "loss"] = "auto"
+    """Where the KL to pi_ref enters the policy step. reward: folded into the sequence reward,
+    r - beta * sum_t KL_t, before the advantages (seeds/004 Protocol 5); loss: a separate term beta * KL_t in
+    the policy loss with the k3 estimator, the advantages from r alone (seeds/004 Protocol 8, GRPO as in
+    DeepSeekMath); auto: loss for grpo, reward for the others."""
     clip_eps: float = 0.2
     """PPO ratio clip epsilon (seeds/004 Protocol 4)."""
     dual_clip: float = 0.0
@@ -166,9 +169,10 @@ class PolicyConfig:
     """beta of the DPO loss (online_dpo, spin, dpo; tau for ipo)."""
     dpo_min_gap: float = 0.0
     """online_dpo: skip prompts whose best and worst sample differ by at most this reward (ambiguous pairs)."""
-    rpo_alpha: float = 0.0
-    """online_dpo: weight of the chosen responses' per-token NLL added to the DPO loss (RPO, as TRL's
-    rpo_alpha); it keeps DPO from lowering both responses' likelihood. 0 = plain DPO."""
+    chosen_nll_weight: float = 0.0
+    """online_dpo: weight of the chosen *policy sample*'s per-token NLL added to the DPO loss (what TRL calls
+    rpo_alpha); it keeps DPO from lowering both responses' likelihood. Not seeds/004's RPO, whose NLL is on
+    the demonstrations. 0 = plain DPO."""
     pairs_per_step: int = 32
     """dpo / ipo: preference pairs per optimizer step (one step per run iteration)."""
     epochs: int = 1
@@ -191,6 +195,10 @@ class PolicyConfig:
     """ZeRO offload to CPU memory, for GPU runs whose policy does not fit otherwise: optimizer = Adam moments
     and fp32 master weights live and step on the CPU; all = the parameters too (needs policy.zero_stage=3).
     Slower steps (PCIe traffic, CPU Adam)."""
+
+    def kl_in_reward(self) -> bool:
+        """``kl`` resolved: whether the KL is folded into the reward (else it is a loss term)."""
+        return self.kl == "reward" or (self.kl == "auto" and self.algo != "grpo")
 
 
 @dataclass
@@ -293,6 +301,10 @@ class SFTConfig:
     packing: bool = False
     """Pack several demonstrations into one row of micro_batch_size * (max_prompt + max_response) tokens;
     attention and positions stay within each demonstration."""
+    loss: Literal["token", "sequence"] = "token"
+    """token: the NLL averaged over every response token of the batch (long answers weigh more; the usual SFT
+    choice, TRL's); sequence: summed per demonstration, averaged over the batch (seeds/004 Protocol 1,
+    -sum_i log pi(y_i | x_i))."""
     checkpoint_every: int = 50
     """Report a Ray Train checkpoint every this many steps (and at the end)."""
     max_failures: int = 1
@@ -524,7 +536,18 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
+# keys that were renamed: old name -> (new name, value map or None); old run directories' config.yaml and
+# old command lines still load
+RENAMED: dict[str, tuple[str, dict | None]] = {
+    "policy.kl_in_reward": ("policy.kl", {True: "reward", False: "loss", "true": "reward", "false": "loss"}),
+    "policy.rpo_alpha": ("policy.chosen_nll_weight", None),
+}
+
+
 def _apply(cfg: Config, key: str, value: Any) -> None:
+    if key in RENAMED:
+        key, values = RENAMED[key]
+        value = values.get(value, value) if values and isinstance(value, bool | str) else value
     sections = {f.name: f for f in dataclasses.fields(Config)}
     section_name, _, name = key.partition(".")
     if section_name not in sections or not name:
@@ -653,7 +676,7 @@ def validate(cfg: Config) -> None:
     need(cfg.policy.importance_cap == 0 or cfg.policy.importance_cap >= 1,
          f"policy.importance_cap must be 0 (off) or >= 1 (a cap below 1 would shrink every weight), got "
          f"{cfg.policy.importance_cap}")
-    for key in ("policy.weight_decay", "policy.rpo_alpha", "policy.grad_clip", "policy.dpo_min_gap",
+    for key in ("policy.weight_decay", "policy.chosen_nll_weight", "policy.grad_clip", "policy.dpo_min_gap",
                 "reward.margin", "reward.grad_clip", "reward.freeze_layers", "sft.weight_decay", "sft.grad_clip",
                 "sft.max_steps", "sft.warmup_steps", "critic.vf_coef", "critic.value_clip", "bon.rm_prompts",
                 "bon.prompts", "bon.rl_iterations", "run.max_restarts", "run.call_timeout_s"):

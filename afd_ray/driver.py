@@ -24,7 +24,7 @@ from afd_ray.algo.credit import policy_batch, sequences
 from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded, EncodedPreference
 from afd_ray.replay import DataCursor, PairReplay
-from afd_ray.runtime.guard import NonFiniteGuard, finite
+from afd_ray.runtime.guard import NonFiniteGuard, finite, reward_saturation
 from afd_ray.types import PairBatch, Samples, SamplingSpec, SequenceBatch
 from afd_ray.workers.group import run_calls
 from afd_ray.workers.handles import WeightSyncError
@@ -166,6 +166,8 @@ def irl_iteration(t: int, cfg: Config, demos: list[Encoded], heldout: list[Encod
             m["golden/train_samples"] = mean(c.golden(seqs.prompts, seqs.responses))
         if probe is not None:
             m.update(heldout_diagnostics(heldout, probe.response_ids, c, held_scores))
+            if learn_reward:
+                reward_saturation(m, t)
         if prefs is not None and prefs.heldout:
             m.update({f"heldout/{k}": v for k, v in preference_accuracy(c.reward, prefs.heldout).items()})
     m.update(phase.seconds)
@@ -312,10 +314,10 @@ def policy_step(cfg: Config, samples, seqs: SequenceBatch, c: Collaborators, pha
         return m, extra
     with phase("policy"):  # Eq. 21b
         batch, credit = policy_batch(cfg.policy.algo, samples, reward, ref_logp, beta=cfg.policy.beta,
-                                     kl_estimator=cfg.policy.kl_estimator, kl_in_reward=cfg.policy.kl_in_reward,
+                                     kl_estimator=cfg.policy.kl_estimator, kl_in_reward=cfg.policy.kl_in_reward(),
                                      clip_eps=cfg.policy.clip_eps, dual_clip=cfg.policy.dual_clip,
                                      dpo_beta=cfg.policy.dpo_beta, dpo_min_gap=cfg.policy.dpo_min_gap,
-                                     rpo_alpha=cfg.policy.rpo_alpha, old_logp=old, values=values,
+                                     chosen_nll_weight=cfg.policy.chosen_nll_weight, old_logp=old, values=values,
                                      gamma=cfg.critic.gamma, lam=cfg.critic.lam,
                                      importance_cap=cfg.policy.importance_cap)
         stats, skipped = {}, 0.0  # stats stay empty when there is nothing to learn from (online_dpo: all tied)

@@ -56,6 +56,7 @@ class SFTJob:
     zero_stage: int
     packing: bool
     max_len: int
+    loss: str
     checkpoint_every: int
     dtype: str
     lora_r: int
@@ -225,13 +226,15 @@ def train_loop(config: dict) -> None:
         t0 = time.perf_counter()
         idx = step_indices(len(data), step, job.batch_size, job.seed)[rank::world]
         seqs = [data[i] for i in idx]
-        n_tokens = all_sum([sum(len(r) for _, r in seqs)])[0]
-        denom = n_tokens / (world * accum)  # DeepSpeed divides by accum and averages ranks: undo both
+        n_tokens, n_seqs = all_sum([sum(len(r) for _, r in seqs), len(seqs)])
+        # the loss is a sum over this rank's tokens divided by the global count of what it averages over
+        # (tokens, or demonstrations: Protocol 1); DeepSpeed divides by accum and averages ranks: undo both
+        denom = (n_tokens if job.loss == "token" else n_seqs) / (world * accum)
         loss_sum = 0.0
         for k in range(accum):
             chunk = seqs[k * job.micro_batch_size:(k + 1) * job.micro_batch_size]
             logp, mask = _forward_logp(engine, _make_batch(chunk, job, device), job.packing)
-            loss = sft_loss(logp, mask, denom=denom)
+            loss = sft_loss(logp, mask, job.loss, denom=denom)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())
@@ -239,7 +242,7 @@ def train_loop(config: dict) -> None:
         if fail_at and done == fail_at and rank == world - 1 and not marker.exists():
             marker.write_text("failed once\n")
             os._exit(1)  # a crashed worker: Ray Train restarts the group from the last checkpoint
-        metrics = {"step": done, "loss": all_sum([loss_sum])[0] / (world * accum),  # token mean of the batch
+        metrics = {"step": done, "loss": all_sum([loss_sum])[0] / (world * accum),  # the batch's mean (sft.loss)
                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": scheduler.get_last_lr()[0],
                    "tokens": n_tokens, "step_seconds": time.perf_counter() - t0}
         if done % job.checkpoint_every == 0 or done == job.total_steps:
@@ -297,7 +300,7 @@ def train_sft(cfg: Config, demos: list[Encoded], out_dir: str | Path, model_path
     job = SFTJob(model_path=model_path, tokenizer_path=model_path, total_steps=steps,
                  batch_size=cfg.sft.batch_size, micro_batch_size=cfg.sft.micro_batch_size, lr=cfg.sft.lr,
                  warmup_steps=cfg.sft.warmup_steps, weight_decay=cfg.sft.weight_decay, grad_clip=cfg.sft.grad_clip,
-                 zero_stage=cfg.sft.zero_stage, packing=cfg.sft.packing,
+                 zero_stage=cfg.sft.zero_stage, packing=cfg.sft.packing, loss=cfg.sft.loss,
                  max_len=(cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) * cfg.sft.micro_batch_size,
                  checkpoint_every=cfg.sft.checkpoint_every, dtype=cfg.model.dtype, lora_r=cfg.model.lora_r,
                  lora_alpha=cfg.model.lora_alpha, seed=cfg.run.seed, pad_token_id=tokenizer.pad_token_id,

@@ -4,6 +4,8 @@
     python jobs/evaluate.py runs/irl-A smollm2-offline --config cpu --judge-url http://127.0.0.1:8000/v1 \\
         --judge-model gpt-4o --judge-template helpful            # key from $OPENAI_API_KEY, never logged
     python jobs/evaluate.py runs/irl-A --preferences rewardbench.jsonl --mtbench mt_bench.jsonl ...
+    python jobs/evaluate.py runs/irl-A runs/sft-B demonstrations --baseline demonstrations --out eval/ \
+        --golden afd_ray.toy:golden_reward      # win rates against the held-out demonstrations (seeds/002)
 
 The judge's API key is read from the environment variable --judge-api-key-env names (default OPENAI_API_KEY),
 never from the command line, which every user of the machine sees; it goes over https, or plain http only to
@@ -23,7 +25,9 @@ from pathlib import Path
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="afd_ray evaluation", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__)
-    p.add_argument("targets", nargs="+", help="run directories or HF model paths / Hub ids")
+    p.add_argument("targets", nargs="+", help="run directories, HF model paths / Hub ids, or `demonstrations` (the "
+                                              "held-out demonstrations as responses: --baseline demonstrations "
+                                              "gives win rates against them)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default="", help="preset or YAML whose held-out demonstrations are the prompts")
     p.add_argument("--prompts", type=int, default=64, help="evaluation prompts (0 = none: run curves only)")
@@ -59,14 +63,16 @@ def main(argv=None) -> int:
     try:
         targets = [resolve_target(t) for t in a.targets]
         for t in targets:
-            t.policy = resolve_model_path(t.policy)
+            t.policy = resolve_model_path(t.policy) if t.policy else ""
+        if not any(t.policy for t in targets):
+            raise ValueError("give at least one run directory or model besides the demonstrations")
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise ValueError(f"targets must have distinct names, got {names}")
         if a.baseline and a.baseline not in names:
             raise ValueError(f"--baseline {a.baseline!r} is not one of the targets {names}")
         config = a.config or next((str(t.run_dir / "config.yaml") for t in targets if t.run_dir), "")
-        tokenizer = load_tokenizer(targets[0].policy)
+        tokenizer = load_tokenizer(next(t.policy for t in targets if t.policy))
         prompts = []
         if a.prompts:
             if not config:

@@ -77,7 +77,7 @@ def test_unknown_preset():
     (["critic.lr=0"], "critic.lr must be > 0"),
     (["policy.dpo_beta=0"], "policy.dpo_beta must be > 0"),
     (["run.sync_check_tol=-0.1"], "run.sync_check_tol must be > 0"),
-    (["policy.rpo_alpha=-0.1"], "policy.rpo_alpha must be >= 0"),
+    (["policy.chosen_nll_weight=-0.1"], "policy.chosen_nll_weight must be >= 0"),
     (["policy.importance_cap=0.5"], "policy.importance_cap must be 0 (off) or >= 1"),
     (["reward.updates_per_iteration=-2"], "reward.updates_per_iteration must be >= -1"),
     (["reward.epochs=2"], "set reward.updates_per_iteration=0 with it"),
@@ -115,7 +115,7 @@ def test_numbers_that_cannot_be_meant_name_the_key(override, needle):
 
 def test_edge_numbers_that_can_be_meant_are_accepted():
     cfg = load_config("cpu", ["run.call_timeout_s=0", "run.max_restarts=0", "data.max_skip_fraction=1",
-                              "sft.max_failures=-1", "policy.grad_clip=0", "policy.rpo_alpha=0"])
+                              "sft.max_failures=-1", "policy.grad_clip=0", "policy.chosen_nll_weight=0"])
     assert cfg.run.call_timeout_s == 0 and cfg.sft.max_failures == -1
 
 
@@ -205,3 +205,14 @@ def test_memory_options_parse_and_offload_all_needs_zero3():
         load_config("cpu", ["policy.offload=cpu"])
     with pytest.raises(ConfigError, match="reward.gradient_checkpointing='maybe' must be true or false"):
         load_config("cpu", ["reward.gradient_checkpointing=maybe"])
+
+
+def test_grpo_keeps_its_kl_in_the_loss_and_renamed_keys_still_load():
+    """seeds/004 Protocol 8: GRPO's KL to pi_ref is a loss term (k3), not folded into the reward before the
+    group normalisation; policy.kl=reward keeps the folding. Old names (a resumed run's config.yaml) load."""
+    assert not load_config("cpu", ["policy.algo=grpo"]).policy.kl_in_reward()
+    assert load_config("cpu", ["policy.algo=grpo", "policy.kl=reward"]).policy.kl_in_reward()
+    assert load_config("cpu", ["policy.algo=rloo"]).policy.kl_in_reward()
+    assert not load_config("cpu", ["policy.algo=rloo", "policy.kl=loss"]).policy.kl_in_reward()
+    old = load_config("cpu", ["policy.kl_in_reward=false", "policy.rpo_alpha=0.5"])
+    assert old.policy.kl == "loss" and old.policy.chosen_nll_weight == 0.5

@@ -100,7 +100,7 @@ def test_toy_irl_rloo_beats_sft_on_golden_reward(ray_local, toy_sft, tmp_path):
     import evaluate as job
 
     out = tmp_path / "eval"
-    assert job.main([str(rd.path), str(toy_sft), "--out", str(out), "--golden", "afd_ray.toy:golden_reward",
+    assert job.main([str(rd.path), str(toy_sft), "demonstrations", "--out", str(out), "--golden", "afd_ray.toy:golden_reward",
                      "--preferences", "toy", "--prompts", "64", "--max-new-tokens", "10", "--baseline", "sft"]) == 0
     plots = json.loads((out / "plots.json").read_text())
     curve = plots[f"curves_{rd.path.name}.png"]["rollout/reward"]
@@ -115,6 +115,8 @@ def test_toy_irl_rloo_beats_sft_on_golden_reward(ray_local, toy_sft, tmp_path):
     acc = result["reward_accuracy"][rd.path.name]["subset/toy-length"]
     assert acc > 0.55, f"IRL reward model accuracy on golden-ranked held-out pairs: {acc:.3f}"
     assert result["targets"][rd.path.name]["golden"] > result["targets"]["sft"]["golden"]
+    # the held-out demonstrations as a target (seeds/002's baseline): the expert beats pi_SFT on the toy
+    assert result["targets"]["demonstrations"]["golden"] > result["targets"]["sft"]["golden"] + 0.1
     assert "Reward accuracy" in (out / "report.md").read_text()
 
 
@@ -135,7 +137,7 @@ def test_toy_irl_async_rollout_still_beats_sft(ray_local, toy_sft, tmp_path):
 # that are not digits (likelihood displacement); the chosen responses' NLL (RPO) and a gentler step keep it
 # on the digits, and lr warm-up damps the first steps on a reward model that has just started
 ONLINE_DPO = ("policy.algo=online_dpo", "policy.lr=1e-3", "policy.mini_batches=2", "policy.dpo_beta=0.5",
-              "policy.rpo_alpha=2.0")
+              "policy.chosen_nll_weight=2.0")
 
 
 # LoRA on both learners (model.lora_r, seeds/000 App. E trains with LoRA): the adapters learn ~10x slower per

@@ -107,7 +107,7 @@ def test_rlhf_on_rules_alone_trains_on_them_without_a_reward_model():
     from afd_ray.replay import DataCursor
 
     cfg = load_config("toy", ["model.policy=x", "run.method=rlhf", "rollout.prompts_per_iteration=2",
-                              "rollout.n=2", "policy.algo=reinforce", "policy.kl_in_reward=false",
+                              "rollout.n=2", "policy.algo=reinforce", "policy.kl=loss",
                               f"reward.functions=[{__name__}:count_sevens]"])
     d, c = demos(), fakes()
     c.reward, c.rules = None, RuleRewards.from_config(cfg, Tok())

@@ -182,3 +182,17 @@ def test_drive_restarts_on_an_error_only_when_an_actor_is_dead(tmp_path):
     recipe = FakeRecipe({2: [RuntimeError("gloo: connection reset by peer")]}, dead=["policy"])
     rd, complete = drive_fake(tmp_path / "b", recipe)  # the error of a rank whose peer died: a fault
     assert complete and [e["dead_roles"] for e in rd.events()] == [["policy"]]
+
+
+def test_a_saturated_reward_model_is_flagged_and_warned_about(caplog):
+    from afd_ray.runtime.guard import reward_saturation
+
+    m = {"heldout/reward_accuracy": 0.75, "heldout/reward_gap": 0.4}
+    reward_saturation(m, 3)
+    assert m["heldout/reward_saturated"] == 0.0 and not caplog.records
+    m = {"heldout/reward_accuracy": 1.0, "heldout/reward_gap": 2.5}
+    reward_saturation(m, 7)
+    assert m["heldout/reward_saturated"] == 1.0
+    assert "iteration 7: held-out reward accuracy 1.00" in caplog.text and "reward.lr" in caplog.text
+    reward_saturation(m := {}, 1)  # no held-out probe: nothing
+    assert m == {}

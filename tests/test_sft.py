@@ -27,6 +27,14 @@ def test_packed_rows_give_the_same_token_logprobs_as_padded_rows(tiny_llama_dir)
     got = sorted(lp[packed.loss_mask.bool()].tolist())
     want = sorted(ref[b.shifted_mask.bool()].tolist())
     assert got == pytest.approx(want, abs=1e-5)
+    # sft.loss=sequence (seeds/004 Protocol 1) on packed rows: per-demonstration sums over the 4 demonstrations
+    from afd_ray.algo.losses import sft_loss
+
+    per_demo = -(ref * b.shifted_mask).sum(1)
+    assert float(sft_loss(lp, packed.loss_mask, "sequence", denom=len(seqs))) == pytest.approx(
+        float(per_demo.mean()), abs=1e-5)
+    assert float(sft_loss(lp, packed.loss_mask, "token", denom=sum(len(r) for _, r in seqs))) == pytest.approx(
+        float(per_demo.sum()) / sum(len(r) for _, r in seqs), abs=1e-5)
 
 
 def test_pack_rejects_a_sequence_longer_than_a_row():

@@ -87,7 +87,7 @@ def test_every_policy_algo_and_reward_loss_runs_on_real_actors(ray_local, toy_sf
     try:
         c = Collaborators.of(system, load_golden("afd_ray.toy:golden_reward", tokenizer))
         state = LoopState(cursor=DataCursor(192, seed=0))
-        variants = [["policy.algo=grpo", "policy.kl_in_reward=false"], ["policy.algo=reinforce"],
+        variants = [["policy.algo=grpo"], ["policy.algo=reinforce"],
                     ["policy.algo=ppo", "policy.epochs=2"], ["reward.loss=discriminator"],
                     ["policy.algo=ppo", "critic.enabled=true", "policy.mini_batches=2"]]
         for t, extra in enumerate(variants, start=1):

@@ -36,18 +36,21 @@ def sequences(samples: Samples) -> SequenceBatch:
 
 def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: list[list[float]], *, beta: float,
                  kl_estimator: str = "k1", kl_in_reward: bool = True, clip_eps: float = 0.2,
-                                  dual_clip: float = 0.0, dpo_beta: float = 0.1, dpo_min_gap: float = 0.0, rpo_alpha: float = 0.0,
+                 dual_clip: float = 0.0, dpo_beta: float = 0.1, dpo_min_gap: float = 0.0,
+                 chosen_nll_weight: float = 0.0,
                  old_logp: list[list[float]] | None = None, values: list[list[float]] | None = None,
                  gamma: float = 1.0, lam: float = 0.95,
                  importance_cap: float = 0.0) -> tuple[PolicyBatch, dict[str, float]]:
     """Credit assignment for ``algo``. Returns the batch and the statistics it was built from.
 
     rloo / grpo / reinforce / ppo: with ``kl_in_reward`` the sequence reward becomes
-    r - beta * sum_t KL_t (Protocol 5); otherwise the learner adds beta * KL to the loss (Protocol 8).
+    r - beta * sum_t KL_t (seeds/004 Protocol 5); otherwise the learner adds beta * KL_t (k3) to the loss
+    and the advantages come from r alone (seeds/004 Protocol 8; ``policy.kl``, auto: so for grpo).
     rloo: leave-one-out baseline; grpo and ppo: group-normalised advantages; reinforce: the shaped reward
     itself. With ``old_logp`` (learner log-probs before the update: ppo, or several optimizer steps per
     iteration) the ratio to it is clipped; without, the step is on-policy and the ratio is exactly 1.
-    online_dpo: best vs worst sample of each prompt by reward, DPO loss against pi_ref.
+    online_dpo: best vs worst sample of each prompt by reward, DPO loss against pi_ref, plus
+    ``chosen_nll_weight`` times the chosen sample's per-token NLL.
     ppo with ``values`` (a critic's V per response token): token rewards -beta * KL_t plus r at the last
     token, GAE(gamma, lam) advantages whitened over the batch; the batch also carries the returns (the
     critic's targets) in ``returns``.
@@ -83,7 +86,7 @@ def policy_batch(algo: str, samples: Samples, reward_B: torch.Tensor, ref_logp: 
         ref_seq = torch.tensor([sum(ref_logp[k]) for k in order])
         stats["dpo_pairs"] = float(len(keep))
         batch = PolicyBatch("dpo", SequenceBatch([seqs.prompts[k] for k in order], [seqs.responses[k] for k in order]),
-                            ref_seq_logp=ref_seq, beta=dpo_beta, nll_coef=rpo_alpha)
+                            ref_seq_logp=ref_seq, beta=dpo_beta, nll_coef=chosen_nll_weight)
         return batch, stats
     signal_B = shaped_B if kl_in_reward else reward_B.float()
     if algo == "rloo":

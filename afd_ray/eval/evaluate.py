@@ -31,8 +31,15 @@ class Target:
     best_of_n: list[dict] | None = None
 
 
+DEMONSTRATIONS = "demonstrations"
+
+
 def resolve_target(arg: str) -> Target:
-    """A run directory (its final policy and reward model) or an HF causal LM path / Hub id."""
+    """A run directory (its final policy and reward model), an HF causal LM path / Hub id, or
+    ``demonstrations``: the held-out demonstrations themselves as responses (no model), the baseline of
+    seeds/002's win rate against the demonstrations."""
+    if arg == DEMONSTRATIONS:
+        return Target(DEMONSTRATIONS, "")
     p = Path(arg)
     if not (p / "config.yaml").is_file():
         return Target(name=p.name or arg, policy=arg)
@@ -144,15 +151,18 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
     texts = {}
     if prompts:
         prompt_ids = [e.prompt_ids for e in prompts]
-        if engine == "vllm":
-            responses = {t.name: generate_vllm(t.policy, prompt_ids, tokenizer, max_new_tokens, temperature, seed,
-                                               device, dtype) for t in targets}
-        elif engine == "hf":
-            responses = {t.name: generate(t.policy, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                          max_new_tokens, temperature, seed, desc=f"generate {t.name}")
-                         for t in targets}
-        else:
+        if engine not in ("hf", "vllm"):
             raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
+        responses = {}
+        for t in targets:
+            if not t.policy:  # the demonstrations
+                responses[t.name] = [e.response_ids for e in prompts]
+            elif engine == "vllm":
+                responses[t.name] = generate_vllm(t.policy, prompt_ids, tokenizer, max_new_tokens, temperature, seed,
+                                                  device, dtype)
+            else:
+                responses[t.name] = generate(t.policy, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                             max_new_tokens, temperature, seed, desc=f"generate {t.name}")
         texts = {name: [tokenizer.decode(r, skip_special_tokens=True) for r in rs] for name, rs in responses.items()}
         base = targets[baseline].name
         lines = ["| policy | response length | golden (± s.e.) | golden win rate vs " + base + " |", "|---|---|---|---|"]
@@ -211,7 +221,7 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
         questions = load_questions(mtbench)
         result["mt_bench"] = {}
         lines = ["| policy | mean (± s.e.) | turn 1 | turn 2 | failed |", "|---|---|---|---|---|"]
-        for t in targets:
+        for t in (t for t in targets if t.policy):  # the demonstrations answer no MT-Bench question
             answers = answer_questions(chat_fn_for(t.policy, tokenizer, max_new_tokens), questions)
             g = grade(pj.client, questions, answers).summary()
             result["mt_bench"][t.name] = g

@@ -3,8 +3,11 @@ appears, the step is skipped and counted, and too many in a row stop the run."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
+
+log = logging.getLogger("afd_ray")
 
 
 class NonFiniteError(RuntimeError):
@@ -45,3 +48,20 @@ class NonFiniteGuard:
 
     def metrics(self) -> dict[str, float]:
         return {f"{role}/nonfinite_skips": float(n) for role, n in sorted(self.total.items())}
+
+
+def reward_saturation(m: dict[str, float], t: int) -> None:
+    """Reward-model health, which no peer reports: ``heldout/reward_saturated`` is 1 when the reward model
+    tells every held-out demonstration from the policy's sample (held-out accuracy 1.0), with a warning. On
+    the toy this preceded overfitting: the KL rose to 5-7 and the golden reward fell back from its peak
+    (docs/LOG.md 2026-11-26), so a user sees it as it starts."""
+    acc = m.get("heldout/reward_accuracy")
+    if acc is None:
+        return
+    m["heldout/reward_saturated"] = float(acc >= 1.0)
+    if acc >= 1.0:
+        log.warning("iteration %d: held-out reward accuracy %.2f (gap %.3f): the reward model separates every "
+                    "held-out demonstration from the policy's sample, which on the toy preceded overfitting "
+                    "(rising KL, falling golden reward); consider a lower reward.lr, fewer "
+                    "reward.updates_per_iteration or a shorter reward.replay_window", t, acc,
+                    m.get("heldout/reward_gap", float("nan")))
