@@ -77,7 +77,8 @@ class DataConfig:
     """Hub split; empty = the dataset's usual one (train_sft for UltraChat 200k)."""
     preferences: str = ""
     """Preference pairs (prompt/chosen/rejected or HH text) for aihf, dpo and bt_rm, or `toy` / `toy-fixed`
-    (golden-ranked toy pairs); empty = none."""
+    (golden-ranked toy pairs); empty = none. irl: only scored, the reward model's accuracy on the held-out
+    pairs every iteration (`heldout/preference_accuracy`, seeds/002's reward-accuracy curve)."""
     limit: int = 0
     """Read at most this many demonstrations; 0 = all."""
     heldout: int = 32

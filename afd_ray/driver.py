@@ -23,6 +23,7 @@ import torch
 from afd_ray.algo.credit import policy_batch, sequences
 from afd_ray.config import Config
 from afd_ray.data.tokenize import Encoded, EncodedPreference
+from afd_ray.eval.golden import win_rate
 from afd_ray.replay import DataCursor, PairReplay
 from afd_ray.runtime.guard import NonFiniteGuard, finite, reward_saturation
 from afd_ray.types import PairBatch, Samples, SamplingSpec, SequenceBatch
@@ -387,8 +388,10 @@ def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: C
         out = {"heldout/reward_accuracy": float((r_demo > r_pol).float().mean()),
                "heldout/reward_gap": float((r_demo - r_pol).mean())}
     if c.golden is not None:
-        out["golden/heldout_policy"] = mean(c.golden(prompts, responses))
-        out["golden/heldout_demos"] = mean(c.golden(prompts, [d.response_ids for d in heldout]))
+        policy, demos = c.golden(prompts, responses), c.golden(prompts, [d.response_ids for d in heldout])
+        out["golden/heldout_policy"], out["golden/heldout_demos"] = mean(policy), mean(demos)
+        # seeds/002's win rate against the demonstrations, per prompt, under the golden reward
+        out["golden/heldout_win_rate_vs_demos"] = win_rate(policy, demos)[0]
     return out
 
 

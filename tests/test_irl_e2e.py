@@ -19,13 +19,18 @@ def toy_cfg(sft, out, name, *overrides):
 
 def test_one_alternation_writes_checkpoints_metrics_report(ray_local, toy_init, toy_sft, tmp_path):
     """The loop from pi_SFT (model.sft; seeds/002, seeds/004): policy, reference and reward backbone start
-    from it, whatever model.policy is; the report scores pi_SFT's held-out samples beside the final policy's."""
+    from it, whatever model.policy is; the report scores pi_SFT's held-out samples beside the final policy's.
+    Held-out preference pairs (data.preferences) are scored every iteration, never trained on."""
     rd = run(toy_cfg(toy_init, tmp_path, "one", f"model.sft={toy_sft}", "run.iterations=2",
                      "rollout.prompts_per_iteration=8", "reward.replay_window=-1", "run.wandb_project=afd-test",
-                     "run.wandb_mode=offline"),
+                     "run.wandb_mode=offline", "data.preferences=toy"),
              echo=lambda *_: None)
     ms = rd.metrics()
     assert [m["iteration"] for m in ms] == [1.0, 2.0]
+    # seeds/002's curves: reward accuracy on held-out preference pairs (only scored under irl) and the
+    # golden win rate against the held-out demonstrations, every iteration
+    assert all(0 <= m["heldout/preference_accuracy"] <= 1 and 0 <= m["golden/heldout_win_rate_vs_demos"] <= 1
+               for m in ms)
     assert [m["replay_pairs"] for m in ms] == [32.0, 64.0]  # 8 prompts x 4 samples per iteration, all replayed
     assert all(m["sync/sync_logprob_diff"] < 1e-3 for m in ms)
     last = rd.ckpt / "iter_000002"

@@ -81,7 +81,11 @@ class IRL:
         self.initial = resolve_model_path(cfg.model.policy)
         self.tokenizer = load_tokenizer(self.initial)
         self.train, self.heldout = build_data(cfg, self.tokenizer)
-        self.prefs = PreferenceData(*build_preferences(cfg, self.tokenizer)) if cfg.run.method == "aihf" else None
+        self.prefs = None
+        if cfg.run.method == "aihf":  # in the reward step, and held out
+            self.prefs = PreferenceData(*build_preferences(cfg, self.tokenizer))
+        elif cfg.data.preferences and cfg.run.method == "irl":  # held out only: the reward model's accuracy
+            self.prefs = PreferenceData([], build_preferences(cfg, self.tokenizer)[1])
         reward = resolve_model_path(cfg.model.reward) if cfg.model.reward else self.initial
         reference = resolve_model_path(cfg.model.reference) if cfg.model.reference else self.initial
         self.paths = {"rollout": self.initial, "policy": self.initial, "reward": reward, "reference": reference}
@@ -127,7 +131,7 @@ class IRL:
         else:
             self.state = LoopState(cursor=DataCursor(len(self.train), seed=self.cfg.run.seed),
                                    pref_cursor=DataCursor(len(self.prefs.train), seed=self.cfg.run.seed + 1)
-                                   if self.prefs else None)
+                                   if self.prefs and self.prefs.train else None)
             skips = {}
         self.guard = NonFiniteGuard(self.cfg.run.max_nonfinite, skips)  # counts as of the checkpoint
         self.system = System(self.cfg, paths, self.tokenizer, self.heldout[:4], roles=self.roles,
@@ -219,7 +223,8 @@ def write_report(rd: RunDir, cfg: Config, final: dict) -> None:
 
     ms = rd.metrics()
     columns = [("rollout/reward", "reward"), ("rollout/kl", "KL"), ("heldout/reward_accuracy", "held-out acc"),
-               ("heldout/reward_gap", "reward gap"), ("golden/heldout_policy", "golden (held-out)"),
+               ("heldout/reward_gap", "reward gap"), ("heldout/preference_accuracy", "pref. acc"),
+               ("golden/heldout_policy", "golden (held-out)"), ("golden/heldout_win_rate_vs_demos", "win vs demos"),
                ("time/iteration", "iteration s")]
     sections = [("Per iteration", metrics_table(ms, columns)),
                 ("Time per phase (mean seconds per iteration)", phase_times(ms))]
