@@ -71,6 +71,12 @@ def test_streamed_best_of_n_is_the_best_of_each_prompts_first_n_samples():
     assert all(len(rec.samples[tuple(p)]) == 16 for p in prompts)  # one pool of max(N) samples
     assert max(b for _, b in seen) == 4  # the sink got prompt batches, never the whole set
     assert rows[1].summary()["win_rate_vs_plain"] == 0.5
+    assert "win_rate_vs_greedy" not in rows[1].summary()
+    # against a deterministic response of golden 0.5 per prompt (seeds/000 Fig. 4's baseline)
+    rows = best_of_n(rec.generate, rec.score, prompts, [1, 16], SamplingSpec(seed=3), prompt_batch=4,
+                     sample_chunk=3, golden=lambda p, r: [x[0] / 1000 for x in r], greedy_golden=[0.5] * 10)
+    for n in (1, 16):
+        assert rows[n].summary()["win_rate_vs_greedy"] == sum(g > 0.5 for g in rows[n].golden) / 10
 
 
 @pytest.mark.slow
@@ -88,6 +94,9 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local,
     table = {row["n"]: row for row in result["best_of_n"]}
     assert table[16]["golden"] > table[1]["golden"] + 0.08, table
     assert table[16]["win_rate_vs_plain"] > 0.5
+    # seeds/000 Fig. 4: the win rate against pi_SFT's greedy response rises with N
+    assert table[16]["win_rate_vs_greedy"] > table[1]["win_rate_vs_greedy"], table
+    assert result["golden_greedy"] is not None and "win rate vs greedy" in (rd.path / "report.md").read_text()
     assert (rd.path / "reward_model" / "config.json").is_file()
     assert "| 16 |" in (rd.path / "report.md").read_text()
     # N = 1 is plain sampling: the same responses as one sample per prompt from pi_SFT with that seed

@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -76,6 +76,7 @@ class BoNRow:
     reward: list[float] = field(default_factory=list)
     golden: list[float] = field(default_factory=list)
     wins_vs_plain: float = 0.0  # golden(BoN) > golden(plain sample): 1, equal: 1/2
+    wins_vs_greedy: float | None = None  # golden(BoN) against golden(greedy response), seeds/000 Fig. 4
 
     def summary(self) -> dict[str, float]:
         k = max(len(self.reward), 1)
@@ -85,6 +86,8 @@ class BoNRow:
             var = sum((g - mean) ** 2 for g in self.golden) / max(len(self.golden) - 1, 1)
             out |= {"golden": mean, "golden_se": math.sqrt(var / len(self.golden)),
                     "win_rate_vs_plain": self.wins_vs_plain / len(self.golden)}
+            if self.wins_vs_greedy is not None:
+                out["win_rate_vs_greedy"] = self.wins_vs_greedy / len(self.golden)
         return out
 
 
@@ -93,15 +96,18 @@ def best_of_n(generate: Callable[[list[list[int]], SamplingSpec], Samples],
               spec: SamplingSpec, prompt_batch: int, sample_chunk: int,
               golden: Callable[[list[list[int]], list[list[int]]], list[float]] | None = None,
               sink: Callable[[int, list[list[int]], list[list[int]], list[float]], None] | None = None,
-              ) -> dict[int, BoNRow]:
+              greedy_golden: list[float] | None = None) -> dict[int, BoNRow]:
     """The Best-of-N curve for every N in ``ns`` (increasing), streamed (module docstring).
 
     Sample j of prompt i comes from the chunk that covers j; chunk boundaries fall on every N of ``ns``,
     so the first chunk is one plain sample per prompt with ``spec.seed``: N = 1 *is* plain sampling.
     ``sink(n, prompts, responses, rewards)`` receives each prompt batch's selection for each N (to write
-    it out) instead of it being kept.
+    it out) instead of it being kept. ``greedy_golden``: the golden reward of each prompt's deterministic
+    (greedy) response, which seeds/000 Fig. 4 takes as the baseline of its win rates.
     """
-    rows = {n: BoNRow(n) for n in ns}
+    from afd_ray.eval.golden import win_rate
+
+    rows = {n: BoNRow(n, wins_vs_greedy=None if greedy_golden is None else 0.0) for n in ns}
     with bar(len(prompts) * ns[-1], "Best-of-N", unit="sample") as progress:
         for lo in range(0, len(prompts), prompt_batch):
             batch = prompts[lo:lo + prompt_batch]
@@ -129,7 +135,9 @@ def best_of_n(generate: Callable[[list[list[int]], SamplingSpec], Samples],
                     if plain_golden is None:
                         plain_golden = g  # the first N's selection: with ns[0] = 1, the plain sample
                     row.golden += g
-                    row.wins_vs_plain += sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(g, plain_golden))
+                    row.wins_vs_plain += win_rate(g, plain_golden)[0] * len(g)
+                    if greedy_golden is not None:
+                        row.wins_vs_greedy += win_rate(g, greedy_golden[lo:lo + len(batch)])[0] * len(g)
                 if sink is not None:
                     sink(n, batch, chosen, state.reward_P.tolist())
     return rows
@@ -283,8 +291,14 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
         spec = bon_sampling(cfg)
         writer = SelectionWriter(rd.path / "bon", tokenizer, cfg.bon.n)
         echo(f"Best-of-N for N in {cfg.bon.n} on {len(eval_demos)} held-out prompts")
-        rows = best_of_n(system.handles["rollout"].generate, score, [d.prompt_ids for d in eval_demos],
-                         cfg.bon.n, spec, cfg.bon.prompt_batch, cfg.bon.sample_chunk, golden=golden, sink=writer)
+        eval_prompts = [d.prompt_ids for d in eval_demos]
+        greedy_golden = None
+        if golden is not None:  # seeds/000 Fig. 4: win rates against pi_SFT's deterministic generation
+            greedy = system.handles["rollout"].generate(eval_prompts, replace(spec, n=1, temperature=0.0, seed=None))
+            greedy_golden = golden(eval_prompts, greedy.response_ids)
+        rows = best_of_n(system.handles["rollout"].generate, score, eval_prompts, cfg.bon.n, spec,
+                         cfg.bon.prompt_batch, cfg.bon.sample_chunk, golden=golden, sink=writer,
+                         greedy_golden=greedy_golden)
         writer.close()
     finally:
         system.shutdown()
@@ -294,7 +308,8 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
         g = golden([d.prompt_ids for d in eval_demos], [d.response_ids for d in eval_demos])
         demo_golden = sum(g) / len(g)
     result = {"config": cfg.to_dict(), "sft_path": sft_path, **disc, "best_of_n": table,
-              "golden_demonstrations": demo_golden}
+              "golden_demonstrations": demo_golden,
+              "golden_greedy": sum(greedy_golden) / len(greedy_golden) if greedy_golden else None}
     atomic_write(rd.path / "bon.json", json.dumps(result, indent=1))
     for line in _table(table):
         echo(line)
@@ -329,13 +344,18 @@ def rl_on_learned_reward(cfg: Config, rd: RunDir, sft_path: str, echo) -> dict |
 
 
 def _table(table: list[dict]) -> list[str]:
+    """The Best-of-N curve (seeds/000 Fig. 4's golden reward and win rates against greedy, per N)."""
     has_golden = any("golden" in r for r in table)
-    head = "| N | learned reward |" + (" golden reward (± s.e.) | win rate vs N=1 |" if has_golden else "")
-    lines = [head, "|---|---|" + ("---|---|" if has_golden else "")]
+    has_greedy = any("win_rate_vs_greedy" in r for r in table)
+    head = ("| N | learned reward |" + (" golden reward (± s.e.) | win rate vs N=1 |" if has_golden else "")
+            + (" win rate vs greedy |" if has_greedy else ""))
+    lines = [head, "|---|---|" + ("---|---|" if has_golden else "") + ("---|" if has_greedy else "")]
     for r in table:
         line = f"| {r['n']} | {r['reward']:+.3f} |"
         if has_golden:
             line += f" {r['golden']:.3f} ± {r['golden_se']:.3f} | {r['win_rate_vs_plain']:.3f} |"
+        if has_greedy:
+            line += f" {r['win_rate_vs_greedy']:.3f} |"
         lines.append(line)
     return lines
 
@@ -347,6 +367,9 @@ def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
     bon = _table(result["best_of_n"])
     if result.get("golden_demonstrations") is not None:
         bon += ["", f"Demonstrations' golden reward on these prompts: {result['golden_demonstrations']:.3f}"]
+    if result.get("golden_greedy") is not None:
+        bon += [f"pi_SFT's greedy responses' golden reward (the win rates' baseline, seeds/000 Fig. 4): "
+                f"{result['golden_greedy']:.3f}"]
     sections = [("Discriminator (seeds/000 Eq. 11-12)", disc), ("Best-of-N with pi_SFT samples (held-out prompts)", bon)]
     if "rl" in result:
         sections.append(("RL on the learned reward (final policy, held-out prompts)",
