@@ -27,7 +27,11 @@ STATED = (  # (preset, key, value, where the seed states it)
     [(p, k, v, w) for p in ("hh-harmless", "hh-helpful") for k, v, w in BOTH_HH]
     + [(p, k, v[i], v[2]) for k, v in PER_TASK.items() for i, p in enumerate(("hh-harmless", "hh-helpful"))]
     + [("ultrachat-8gpu", "model.policy", "HuggingFaceH4/mistral-7b-sft-beta", "seeds/004 Sec. VI-C-1: Mistral-7b-SFT-Beta"),
-       ("ultrachat-8gpu", "data.demonstrations", "HuggingFaceH4/ultrachat_200k", "seeds/004 Sec. VI-C-1: UltraChat")])
+       ("ultrachat-8gpu", "data.demonstrations", "HuggingFaceH4/ultrachat_200k", "seeds/004 Sec. VI-C-1: UltraChat"),
+       ("ultrachat-8gpu", "policy.algo", "online_dpo", "seeds/002: Online-DPO for UltraChat"),
+       ("tldr-ppo", "data.demonstrations", "CarperAI/openai_summarize_tldr", "seeds/002: TL;DR"),
+       ("tldr-ppo", "policy.algo", "ppo", "seeds/002: PPO"),
+       ("tldr-ppo", "model.sft", "", "seeds/002: policy and reward model from the SFT checkpoint (trained first)")])
 
 
 @pytest.mark.parametrize("preset,key,value,where", STATED, ids=[f"{p}:{k}" for p, k, _, _ in STATED])
@@ -43,3 +47,12 @@ def test_a_paper_preset_holds_the_setting_its_seed_states(preset, key, value, wh
 @pytest.mark.parametrize("preset,fmt", [("hh-harmless", "hh"), ("hh-helpful", "chat")])
 def test_each_golden_reward_model_is_read_in_the_format_it_was_trained_on(preset, fmt):
     assert load_config(preset).run.golden_format == fmt
+
+
+@pytest.mark.parametrize("preset", ["tldr-ppo", "ultrachat-2gpu", "ultrachat-8gpu"])
+def test_a_gpu_preset_takes_several_policy_steps_of_a_reasonable_size_per_iteration(preset):
+    """Sequences per optimizer step (prompts x samples / mini-batches) of the size the seeds' and peers'
+    setups use, not one step per iteration over a thousand prompts."""
+    r, p = load_config(preset).rollout, load_config(preset).policy
+    per_step = r.prompts_per_iteration * r.n / p.mini_batches
+    assert p.mini_batches * p.epochs >= 4 and 32 <= per_step <= 256, (preset, p.mini_batches, per_step)
