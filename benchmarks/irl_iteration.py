@@ -27,7 +27,8 @@ def main() -> None:
     from afd_ray.run import run
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(args.config, [*args.overrides, f"run.iterations={args.iterations}",
+        # the loop's iterations from the preset's model as given (model.sft=PATH or empty overrides it)
+        cfg = load_config(args.config, ["model.sft=none", *args.overrides, f"run.iterations={args.iterations}",
                                         f"run.output_dir={out}", "run.name=bench"])
         metrics = run(cfg, echo=lambda *_: None).metrics()
     rows = []

@@ -80,7 +80,7 @@ def afd_config(steps: int, dtype: str, out: str):
         "rollout.temperature=1.0", f"policy.beta={BETA}", f"policy.lr={LR}", "policy.algo=grpo",
         "policy.micro_batch_size=16", "reward.micro_batch_size=16", "reward.replay_window=0", "data.heldout=0",
         f"model.dtype={dtype}", f"run.iterations={steps}", f"run.checkpoint_every={steps}", f"run.output_dir={out}",
-        "run.name=vs_trl"])
+        "run.name=vs_trl", "model.sft=none"])  # TRL's side starts from the same model: no SFT first
 
 
 def prompts(steps: int) -> list[list[int]]:
