@@ -331,6 +331,10 @@ class BestOfNConfig:
     """Samples per prompt per generate call; only the running best of each prompt is kept between chunks."""
     rl_iterations: int = 0
     """Optional RL on the learned reward afterwards: this many policy steps (policy section) from pi_SFT."""
+    compare_reward: str = ""
+    """Another reward model (an HF *ForSequenceClassification path), e.g. a Bradley-Terry model of
+    `run.method=bt_rm` on data.preferences: its Best-of-N curve on the same pool of pi_SFT samples (the same
+    sampling seeds), beside the discriminator's (seeds/000 Sec. 4.2, Table 2's BT-RM). Empty = none."""
 
 
 @dataclass

@@ -82,16 +82,24 @@ def test_streamed_best_of_n_is_the_best_of_each_prompts_first_n_samples():
 @pytest.mark.slow
 def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local, toy_init, toy_sft, tmp_path,
                                                                        tokenizer):
+    from afd_ray import toy
     from afd_ray.config import load_config
     from afd_ray.run import run
     from afd_ray.runtime.system import System
 
+    # a Bradley-Terry reward model on golden-ranked toy pairs, compared on the same samples (Table 2's BT-RM)
+    bt = toy.reward_model_from_preferences(tmp_path / "bt", toy_sft, tokenizer,
+                                           toy.make_preferences(tokenizer, 1024, seed=5), steps=120)
     cfg = load_config("toy", ["run.method=inverse_rlignment", f"model.policy={toy_init}", f"model.sft={toy_sft}",
                               f"run.output_dir={tmp_path}", "run.name=bon", "bon.n=1,4,16", "bon.rm_epochs=3",
-                              "reward.lr=1e-3", "bon.prompt_batch=128"])
+                              "reward.lr=1e-3", "bon.prompt_batch=128", f"bon.compare_reward={bt}"])
     rd = run(cfg, echo=lambda *_: None)
     result = json.loads((rd.path / "bon.json").read_text())
     table = {row["n"]: row for row in result["best_of_n"]}
+    other = {row["n"]: row for row in result["compare"]["best_of_n"]}
+    print("discriminator", table, "\nBradley-Terry", other)
+    assert other[1]["golden"] == table[1]["golden"]  # N = 1: the same plain samples in both passes
+    assert other[16]["golden"] > other[1]["golden"] and "bon.compare_reward" in (rd.path / "report.md").read_text()
     assert table[16]["golden"] > table[1]["golden"] + 0.08, table
     assert table[16]["win_rate_vs_plain"] > 0.5
     # seeds/000 Fig. 4: the win rate against pi_SFT's greedy response rises with N

@@ -303,13 +303,27 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
     finally:
         system.shutdown()
     table = [rows[n].summary() for n in cfg.bon.n]
+    compare = None
+    if cfg.bon.compare_reward:  # seeds/000 Sec. 4.2-4.3: e.g. a Bradley-Terry reward model, on pi_SFT's samples
+        path = resolve_model_path(cfg.bon.compare_reward)
+        echo(f"Best-of-N with bon.compare_reward {path}")
+        system = System(cfg, {"rollout": sft_path, "reward": path}, tokenizer, [], roles=("rollout", "reward"),
+                        fixed_reward=True)
+        try:  # the same sampling seeds as the discriminator's pass: the same pool of samples per prompt
+            rows = best_of_n(system.handles["rollout"].generate, checked(system.handles["reward"].score),
+                             eval_prompts, cfg.bon.n, spec, cfg.bon.prompt_batch, cfg.bon.sample_chunk,
+                             golden=golden, greedy_golden=greedy_golden)
+        finally:
+            system.shutdown()
+        compare = {"model": path, "best_of_n": [rows[n].summary() for n in cfg.bon.n]}
     demo_golden = None
     if golden is not None:
         g = golden([d.prompt_ids for d in eval_demos], [d.response_ids for d in eval_demos])
         demo_golden = sum(g) / len(g)
     result = {"config": cfg.to_dict(), "sft_path": sft_path, **disc, "best_of_n": table,
               "golden_demonstrations": demo_golden,
-              "golden_greedy": sum(greedy_golden) / len(greedy_golden) if greedy_golden else None}
+              "golden_greedy": sum(greedy_golden) / len(greedy_golden) if greedy_golden else None,
+              "compare": compare}
     atomic_write(rd.path / "bon.json", json.dumps(result, indent=1))
     for line in _table(table):
         echo(line)
@@ -371,6 +385,9 @@ def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
         bon += [f"pi_SFT's greedy responses' golden reward (the win rates' baseline, seeds/000 Fig. 4): "
                 f"{result['golden_greedy']:.3f}"]
     sections = [("Discriminator (seeds/000 Eq. 11-12)", disc), ("Best-of-N with pi_SFT samples (held-out prompts)", bon)]
+    if result.get("compare"):
+        sections.append((f"Best-of-N with bon.compare_reward `{result['compare']['model']}` (the same samples)",
+                         _table(result["compare"]["best_of_n"])))
     if "rl" in result:
         sections.append(("RL on the learned reward (final policy, held-out prompts)",
                          [f"- {k}: {v:.4f}" for k, v in sorted(result["rl"].items())]))
