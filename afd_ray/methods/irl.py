@@ -10,6 +10,7 @@ states (weights, optimizer, RNG), plus ``loop.pt``: the data cursors and the pai
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from afd_ray.runtime.system import ROLES, System, ensure_ray
 from afd_ray.types import Samples
 
 LEARNERS = ("policy", "reward", "critic")
+log = logging.getLogger("afd_ray")
 
 
 def save_loop_state(tmp: Path, state: LoopState, t: int, guard: NonFiniteGuard) -> None:
@@ -121,6 +123,11 @@ class IRL:
         from afd_ray.rewards import RerenderedReward, ServedRewardModel
 
         ensure_ray()
+        if self.sft == "" and last is not None and not (self.rd.path / "sft" / "state.json").is_file():
+            # a run begun before the loop started from pi_SFT by default: it goes on as it began
+            log.warning("%s has checkpoints but no pi_SFT of its own: it continues from model.policy as it began "
+                        "(model.sft=none)", self.rd.path)
+            self.sft = None
         if self.sft is not None:
             self.paths = self.from_sft(self.paths)
         paths = dict(self.paths)
