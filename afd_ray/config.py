@@ -66,6 +66,10 @@ class ModelConfig:
     lora_alpha: int = 16
     """LoRA scaling alpha (effective scale alpha / r); must be > 0 (checked even when lora_r=0)."""
 
+    def start(self) -> str:
+        """pi_SFT when model.sft names one, else model.policy: where a baseline starts."""
+        return self.sft if self.sft not in ("", "none") else self.policy
+
 
 @dataclass
 class DataConfig:

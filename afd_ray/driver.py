@@ -397,8 +397,14 @@ def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: C
 
 def evaluate_policy(cfg: Config, heldout: list[Encoded], c: Collaborators, tag: str = "final") -> dict[str, float]:
     """Sample the current policy once per held-out prompt and report what ``heldout_diagnostics`` does."""
-    probe = c.rollout.generate([d.prompt_ids for d in heldout], sampling(cfg, -10**6, n=1))
-    return {f"{tag}/{k.split('/', 1)[1]}": v for k, v in heldout_diagnostics(heldout, probe.response_ids, c).items()}
+    responses = heldout_sample(cfg, heldout, c)
+    return {f"{tag}/{k.split('/', 1)[1]}": v for k, v in heldout_diagnostics(heldout, responses, c).items()}
+
+
+def heldout_sample(cfg: Config, heldout: list[Encoded], c: Collaborators) -> list[list[int]]:
+    """One response per held-out prompt from the engines, always with the same seed: samples of two policies
+    drawn so differ by the policy alone."""
+    return c.rollout.generate([d.prompt_ids for d in heldout], sampling(cfg, -10**6, n=1)).response_ids
 
 
 def preference_pairs(prefs: list[EncodedPreference], weight: float | None = None) -> PairBatch:

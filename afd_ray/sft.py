@@ -165,7 +165,6 @@ def train_loop(config: dict) -> None:
     from afd_ray.models.loading import LoraSpec, load_policy, load_tokenizer, save_model
     from afd_ray.workers.deepspeed_rank import ds_config
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not one INFO line per reported step
     job = SFTJob(**config["job"])
     tokenizer = load_tokenizer(job.tokenizer_path)  # saved with the model at every checkpoint
     progress = config.get("progress")  # afd_ray.progress.follow's queue: the driver's bar

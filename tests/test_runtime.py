@@ -198,7 +198,7 @@ def test_a_saturated_reward_model_is_flagged_and_warned_about(caplog):
     assert m == {}
 
 
-def test_a_run_begun_from_model_policy_resumes_as_it_began(tiny_llama_dir, tmp_path, monkeypatch, caplog):
+def test_a_run_begun_from_model_policy_resumes_as_it_began(tiny_llama_dir, tmp_path, caplog):
     """model.sft empty trains pi_SFT before the first iteration; a run with checkpoints but no pi_SFT of its
     own (begun before that default) goes on from model.policy instead of switching models mid-run."""
     from afd_ray.methods import irl
@@ -207,20 +207,7 @@ def test_a_run_begun_from_model_policy_resumes_as_it_began(tiny_llama_dir, tmp_p
     cfg = load_config("toy", [f"model.policy={tiny_llama_dir}", "model.sft=", "data.limit=64", "data.heldout=8"])
     recipe = irl.IRL(cfg, RunDir(tmp_path / "run"), echo=lambda *_: None)
     assert recipe.sft == ""  # to be trained first
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def system(cfg, paths, *args, **kwargs):
-        seen.update(paths)
-        raise Stop
-
-    monkeypatch.setattr(irl, "System", system)
-    monkeypatch.setattr(irl, "ensure_ray", lambda: None)
-    monkeypatch.setattr(irl, "load_loop_state", lambda path, t: (None, {}))
     last = Checkpoint(3, tmp_path / "run" / "checkpoints" / "iter_000003")
-    with pytest.raises(Stop):
-        recipe.start(last)
+    paths = recipe.starting_paths(last)  # no sft/ in the run: nothing is trained
     assert recipe.sft is None and "continues from model.policy" in caplog.text
-    assert seen["reference"] == str(tiny_llama_dir) and seen["policy"] == str(last.path / "policy")
+    assert paths["reference"] == str(tiny_llama_dir) and paths["policy"] == str(last.path / "policy")

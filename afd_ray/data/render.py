@@ -44,14 +44,16 @@ def same_input(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
 
 
-def resolve_format(fmt: str, source, target, what: str) -> str | None:
+def resolve_format(fmt: str, source, target, what: str, fallback: str | None = None) -> str | None:
     """The format ``target`` is scored in, for the setting ``what`` = ``fmt``: None when it reads the
     policy's token ids as they are (``auto`` with the same vocabulary and template), ``auto`` otherwise its
-    chat template; a ValueError naming the setting when it has none."""
+    chat template, else ``fallback``; a ValueError naming the setting when there is none."""
     if fmt == "auto":
         if same_input(source, target):
             return None
         if not getattr(target, "chat_template", None):
+            if fallback:
+                return fallback
             raise ValueError(f"{what}=auto: the model's tokenizer or chat template differs from the policy's and "
                              f"it has no chat template to re-render (x, y) in; set {what} to one of {FORMATS} "
                              f"(hh: Anthropic HH text, as GPT-2 reward models trained on HH-RLHF read)")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -272,3 +272,12 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
         attn[i, :n] = 1
         resp[i, len(p):n] = 1
     return TokenBatch(ids, attn, resp)
+
+
+def length_sorted_batches(seqs, size: int, pad_id: int) -> Iterator[tuple[list[int], TokenBatch]]:
+    """``seqs`` (a ``SequenceBatch``) in micro-batches of ``size`` cut from its length order (``by_length``,
+    the least padding): each batch's row indices into ``seqs`` and its collated tokens."""
+    order = seqs.by_length()
+    for i in range(0, len(seqs), size):
+        rows = order[i:i + size]
+        yield rows, collate([seqs.prompts[j] for j in rows], [seqs.responses[j] for j in rows], pad_id)

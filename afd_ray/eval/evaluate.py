@@ -75,16 +75,15 @@ def generate(policy, prompts: list[list[int]], pad_token_id: int, eos_token_id: 
     model = load_policy(policy).eval() if isinstance(policy, str) else policy
     torch.manual_seed(seed)
     out = []
-    progress = bar(len(prompts), desc, unit="prompt")
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[i:i + batch_size], pad_token_id)
-        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)[:, ids.shape[1]:]
-        for row in gen.tolist():
-            out.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
-        progress.update(len(gen))
-    progress.close()
+    with bar(len(prompts), desc, unit="prompt") as progress:
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = left_pad(prompts[i:i + batch_size], pad_token_id)
+            kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)[:, ids.shape[1]:]
+            for row in gen.tolist():
+                out.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
+            progress.update(len(gen))
     return out
 
 

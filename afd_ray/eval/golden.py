@@ -38,7 +38,7 @@ class HFGolden:
                  device: str = "cpu", batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from afd_ray.data.render import Rerender, resolve_format, same_input
+        from afd_ray.data.render import Rerender, resolve_format
 
         self.policy_tokenizer, self.device, self.batch_size = policy_tokenizer, device, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -46,9 +46,7 @@ class HFGolden:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        if fmt == "auto" and not same_input(policy_tokenizer, self.tokenizer):
-            fmt = "chat" if getattr(self.tokenizer, "chat_template", None) else "pair"
-        self.fmt = resolve_format(fmt, policy_tokenizer, self.tokenizer, "run.golden_format")
+        self.fmt = resolve_format(fmt, policy_tokenizer, self.tokenizer, "run.golden_format", fallback="pair")
         self.rerender = Rerender(policy_tokenizer, self.tokenizer, self.fmt, prompts or {},
                                  "run.golden_format") if self.fmt else None
 

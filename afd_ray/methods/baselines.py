@@ -69,7 +69,7 @@ class Baseline:
         from afd_ray.models.loading import load_tokenizer, resolve_model_path
 
         self.cfg, self.rd, self.echo = cfg, rd, echo
-        self.start_path = resolve_model_path(cfg.model.sft if cfg.model.sft not in ("", "none") else cfg.model.policy)
+        self.start_path = resolve_model_path(cfg.model.start())
         self.tokenizer = load_tokenizer(self.start_path)
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite)
         self.system = None
@@ -278,5 +278,5 @@ def write_report(rd: RunDir, cfg: Config, keys: list[str]) -> None:
     ms = rd.metrics()
     write(rd.path, f"{cfg.run.method}: {rd.path.name}", [("Per iteration", metrics_table(
         ms, [(k, k.split("/", 1)[1]) for k in keys]))],
-          intro=f"model `{cfg.model.sft if cfg.model.sft not in ('', 'none') else cfg.model.policy}`, demonstrations `{cfg.data.demonstrations}`, "
+          intro=f"model `{cfg.model.start()}`, demonstrations `{cfg.data.demonstrations}`, "
                 f"preferences `{cfg.data.preferences or '-'}`, {len(ms)} iterations.")

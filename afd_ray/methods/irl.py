@@ -26,6 +26,7 @@ from afd_ray.driver import (
     PreferenceData,
     evaluate_policy,
     heldout_diagnostics,
+    heldout_sample,
     irl_iteration,
 )
 from afd_ray.eval.golden import load_golden
@@ -96,8 +97,9 @@ class IRL:
             self.roles = tuple(r for r in ROLES if r != "reward")
         elif rlhf:
             check_reward_model(reward)
+        messages = prompt_messages(self.train, self.heldout)  # for models that read another input than the policy
         # a fixed reward model with another tokenizer or template reads each (x, y) re-rendered from the text
-        self.reward_input = fixed_reward_input(cfg, self.tokenizer, prompt_messages(self.train, self.heldout)) \
+        self.reward_input = fixed_reward_input(cfg, self.tokenizer, messages) \
             if rlhf and (cfg.model.reward or cfg.reward.url) else None
         self.rules = RuleRewards.from_config(cfg, self.tokenizer)
         if cfg.critic.enabled:
@@ -111,8 +113,7 @@ class IRL:
             self.sft = resolve_model_path(cfg.model.sft) if cfg.model.sft else ""
         # the learners that are checkpointed (a fixed reward model is not)
         self.learners = [r for r in LEARNERS if r in self.roles and (r != "reward" or learn_reward)]
-        self.golden = load_golden(cfg.run.golden_reward, self.tokenizer, cfg.run.golden_format,
-                                  prompt_messages(self.train, self.heldout))
+        self.golden = load_golden(cfg.run.golden_reward, self.tokenizer, cfg.run.golden_format, messages)
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite)
         self.system = None
         self.state = None
@@ -123,17 +124,8 @@ class IRL:
         from afd_ray.rewards import RerenderedReward, ServedRewardModel
 
         ensure_ray()
-        if self.sft == "" and last is not None and not (self.rd.path / "sft" / "state.json").is_file():
-            # a run begun before the loop started from pi_SFT by default: it goes on as it began
-            log.warning("%s has checkpoints but no pi_SFT of its own: it continues from model.policy as it began "
-                        "(model.sft=none)", self.rd.path)
-            self.sft = None
-        if self.sft is not None:
-            self.paths = self.from_sft(self.paths)
-        paths = dict(self.paths)
-        if last is not None:  # the models of the last checkpoint; the reference stays pi_ref
-            paths |= {r: str(last.path / r) for r in self.learners}
-            paths["rollout"] = paths["policy"]
+        paths = self.starting_paths(last)
+        if last is not None:
             self.state, skips = load_loop_state(last.path, last.iteration)
         else:
             self.state = LoopState(cursor=DataCursor(len(self.train), seed=self.cfg.run.seed),
@@ -156,6 +148,22 @@ class IRL:
         if self.sft is not None and last is None and self.heldout:
             self.sample_sft()
 
+    def starting_paths(self, last: Checkpoint | None) -> dict[str, str]:
+        """The model each role loads: pi_SFT where the run starts from it (``from_sft``), then the learners
+        of the last checkpoint; the reference stays pi_ref."""
+        if self.sft == "" and last is not None and not (self.rd.path / "sft" / "state.json").is_file():
+            # a run begun before the loop started from pi_SFT by default: it goes on as it began
+            log.warning("%s has checkpoints but no pi_SFT of its own: it continues from model.policy as it began "
+                        "(model.sft=none)", self.rd.path)
+            self.sft = None
+        if self.sft is not None:
+            self.paths = self.from_sft(self.paths)
+        paths = dict(self.paths)
+        if last is not None:
+            paths |= {r: str(last.path / r) for r in self.learners}
+            paths["rollout"] = paths["policy"]
+        return paths
+
     def from_sft(self, paths: dict[str, str]) -> dict[str, str]:
         """``paths`` with pi_SFT for every role that starts from the initial policy (rollout, policy, and the
         reward backbone and reference unless given); pi_SFT trained first when not given (a finished SFT
@@ -172,12 +180,10 @@ class IRL:
         """pi_SFT's responses to the held-out prompts, drawn once before the first policy step and kept in
         ``sft_heldout.json``: the report scores them with the final reward model (and golden reward) beside
         the final policy's."""
-        from afd_ray.driver import sampling
         from afd_ray.runtime.files import atomic_write
 
-        # the seed of the final evaluation's sample (evaluate_policy): the two differ by the policy alone
-        probe = self.c.rollout.generate([d.prompt_ids for d in self.heldout], sampling(self.cfg, -10**6, n=1))
-        atomic_write(self.rd.path / "sft_heldout.json", json.dumps(probe.response_ids))
+        # with the final evaluation's seed: the two samples differ by the policy alone
+        atomic_write(self.rd.path / "sft_heldout.json", json.dumps(heldout_sample(self.cfg, self.heldout, self.c)))
 
     def iteration(self, t: int) -> dict[str, float]:
         self.metrics = irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from afd_ray.data.tokenize import collate
+from afd_ray.data.tokenize import length_sorted_batches
 from afd_ray.types import SequenceBatch
 
 
@@ -23,10 +23,8 @@ class ReferenceServer:
         """Per-token log pi_ref over each response, in order (computed in micro-batches of similar length)."""
         from afd_ray.models.loading import response_logprobs
 
-        order, out = seqs.by_length(), [None] * len(seqs)
-        for i in range(0, len(seqs), self.micro_batch_size):
-            rows = order[i:i + self.micro_batch_size]
-            b = collate([seqs.prompts[j] for j in rows], [seqs.responses[j] for j in rows], self.pad_token_id)
+        out = [None] * len(seqs)
+        for rows, b in length_sorted_batches(seqs, self.micro_batch_size, self.pad_token_id):
             mask = b.shifted_mask.to(self.device)
             logp = response_logprobs(self.model, b.input_ids.to(self.device), b.attention_mask.to(self.device), mask)
             for j, lp, m in zip(rows, logp, mask):

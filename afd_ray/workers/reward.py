@@ -7,7 +7,7 @@ import torch
 
 from afd_ray import faults
 from afd_ray.algo.losses import discriminator_loss, pairwise_reward_loss
-from afd_ray.data.tokenize import collate
+from afd_ray.data.tokenize import length_sorted_batches
 from afd_ray.types import PairBatch, SequenceBatch
 from afd_ray.workers.deepspeed_rank import DeepSpeedRank
 
@@ -91,10 +91,8 @@ class RewardServer:
         """r(x, y) of each sequence, in order (computed in micro-batches of similar length)."""
         from afd_ray.models.loading import reward_forward
 
-        order, out = seqs.by_length(), [0.0] * len(seqs)
-        for i in range(0, len(seqs), self.micro_batch_size):
-            rows = order[i:i + self.micro_batch_size]
-            b = collate([seqs.prompts[j] for j in rows], [seqs.responses[j] for j in rows], self.pad_token_id)
+        out = [0.0] * len(seqs)
+        for rows, b in length_sorted_batches(seqs, self.micro_batch_size, self.pad_token_id):
             r = reward_forward(self.model, b.input_ids.to(self.device), b.attention_mask.to(self.device))
             for j, v in zip(rows, r.tolist()):
                 out[j] = v
