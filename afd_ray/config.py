@@ -74,8 +74,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     demonstrations: str = "offline:chatterbot"
-    """Demonstration source: a .jsonl/.json/.parquet file, a Hub name, offline:chatterbot|offline:chitchat,
-    `toy` (afd_ray.toy: token-level digit task with an exact golden reward) or `toy-fixed` (its
+    """Demonstration source: a .jsonl/.json/.parquet file, a Hub name, offline:chatterbot|offline:chitchat|
+    offline:chitchat-questions (afd_ray.data.offline; the last with a measurable trait, its golden reward
+    afd_ray.data.offline:asks_question), `toy` (afd_ray.toy: token-level digit task with an exact golden reward) or `toy-fixed` (its
     fixed-length variant: eight digits, no end token; sample with rollout.max_new_tokens=8)."""
     split: str = ""
     """Hub split; empty = the dataset's usual one (train_sft for UltraChat 200k)."""
@@ -339,6 +340,34 @@ class BestOfNConfig:
     """Another reward model (an HF *ForSequenceClassification path), e.g. a Bradley-Terry model of
     `run.method=bt_rm` on data.preferences: its Best-of-N curve on the same pool of pi_SFT samples (the same
     sampling seeds), beside the discriminator's (seeds/000 Sec. 4.2, Table 2's BT-RM). Empty = none."""
+    critic_n: int = 0
+    """The N whose Best-of-N selections the critics compare with each other and with pi_SFT's plain sample
+    (seeds/000 Table 2: win / tie / lose under the golden reward and the judge section's judge); 0 = the
+    largest N of bon.n."""
+
+
+@dataclass
+class JudgeConfig:
+    """A pairwise LLM judge over an OpenAI-compatible endpoint (afd_ray.eval.judge; seeds/000 App. E.4's
+    GPT-4 critic): Inverse-RLignment's Table 2 on the Best-of-N selections. jobs/evaluate.py takes the same
+    settings as --judge-* flags."""
+
+    base_url: str = ""
+    """The endpoint, e.g. https://api.openai.com/v1 or a local `vllm serve` (http only to this machine);
+    empty = no judge."""
+    model: str = ""
+    """The judge model's name at that endpoint."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """The environment variable holding the API key (its name; the key is never logged)."""
+    template: Literal["general", "helpful", "harmless", "summary"] = "general"
+    """The judge's prompt (afd_ray.eval.judge.TEMPLATES)."""
+    max_concurrency: int = 8
+    """Requests in flight."""
+    max_retries: int = 4
+    """Retries of a failed or unparseable request (exponential backoff); a comparison that runs out of them
+    is counted as failed and left out of the rates."""
+    timeout: float = 60.0
+    """Seconds per request."""
 
 
 @dataclass
@@ -457,6 +486,7 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     bon: BestOfNConfig = field(default_factory=BestOfNConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -737,6 +767,13 @@ def validate(cfg: Config) -> None:
          f"({cfg.sft.micro_batch_size} * {cfg.sft.num_workers})")
     need(bool(cfg.bon.n) and all(n >= 1 for n in cfg.bon.n) and cfg.bon.n == sorted(set(cfg.bon.n)),
          f"bon.n must be increasing Ns >= 1 without repeats, got {cfg.bon.n}")
+    need(cfg.bon.critic_n == 0 or cfg.bon.critic_n in cfg.bon.n,
+         f"bon.critic_n={cfg.bon.critic_n} must be one of bon.n {cfg.bon.n} (or 0 = the largest)")
+    need(bool(cfg.judge.base_url) == bool(cfg.judge.model),
+         f"the judge needs both judge.base_url and judge.model (got {cfg.judge.base_url!r} and {cfg.judge.model!r})")
+    for key in ("judge.max_concurrency", "judge.timeout"):
+        need(_get(cfg, key) > 0, f"{key} must be > 0, got {_get(cfg, key)}")
+    need(cfg.judge.max_retries >= 0, f"judge.max_retries must be >= 0, got {cfg.judge.max_retries}")
     need(0 <= cfg.critic.lam <= 1 and 0 <= cfg.critic.gamma <= 1, "critic.gamma and critic.lam must be in [0, 1]")
     need(cfg.reward.demo_weight >= 0 and cfg.reward.preference_weight >= 0,
          "reward.demo_weight and reward.preference_weight must be >= 0")

@@ -4,6 +4,7 @@ reward-model endpoint."""
 import json
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -122,4 +123,49 @@ def pooling_server():
     srv.lock, srv.calls = threading.Lock(), 0
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
+    srv.shutdown()
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """/v1/chat/completions answered by ``self.server.script(prompt_text, call_no) -> (status, body, delay)``;
+    a delay of None holds the answer until the test ends (a request that times out on any machine)."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][-1]["content"]
+        with self.server.lock:
+            self.server.calls[text] = self.server.calls.get(text, 0) + 1
+            self.server.auth.add(self.headers.get("Authorization"))
+            n = self.server.calls[text]
+        status, payload, delay = self.server.script(text, n)
+        if delay is None:
+            self.server.release.wait()
+        time.sleep(delay or 0)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and left
+
+    def log_message(self, *args):
+        pass
+
+
+def answer(content: str) -> dict:
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}}
+
+
+@pytest.fixture
+def server():
+    """A scripted OpenAI-compatible chat server (``srv.script`` set by the test)."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    srv.lock, srv.calls, srv.auth, srv.release = threading.Lock(), {}, set(), threading.Event()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.release.set()
     srv.shutdown()

@@ -12,7 +12,7 @@ def test_presets_load():
     for name in presets():
         load_config(name)  # every preset validates
     cpu = load_config("cpu")
-    assert cpu.model.policy == "smollm2-offline" and cpu.data.demonstrations == "offline:chatterbot"
+    assert cpu.model.policy == "smollm2-offline" and cpu.data.demonstrations == "offline:chitchat-questions"
     assert load_config("ultrachat-8gpu").model.policy == "HuggingFaceH4/mistral-7b-sft-beta"
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import answer
 
 from afd_ray.data.tokenize import Encoded
 from afd_ray.methods.irlignment import best_of_n, bon_sampling, discriminator_data
@@ -81,7 +82,7 @@ def test_streamed_best_of_n_is_the_best_of_each_prompts_first_n_samples():
 
 @pytest.mark.slow
 def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local, toy_init, toy_sft, tmp_path,
-                                                                       tokenizer):
+                                                                       tokenizer, server):
     from afd_ray import toy
     from afd_ray.config import load_config
     from afd_ray.run import run
@@ -92,7 +93,9 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local,
                                            toy.make_preferences(tokenizer, 1024, seed=5), steps=120)
     cfg = load_config("toy", ["run.method=inverse_rlignment", f"model.policy={toy_init}", f"model.sft={toy_sft}",
                               f"run.output_dir={tmp_path}", "run.name=bon", "bon.n=1,4,16", "bon.rm_epochs=3",
-                              "reward.lr=1e-3", "bon.prompt_batch=128", f"bon.compare_reward={bt}"])
+                              "reward.lr=1e-3", "bon.prompt_batch=128", f"bon.compare_reward={bt}",
+                              f"judge.base_url=http://127.0.0.1:{server.server_port}/v1", "judge.model=scripted"])
+    server.script = lambda text, n: (200, answer("Verdict: A"), 0)  # always the first shown: every pair a tie
     rd = run(cfg, echo=lambda *_: None)
     result = json.loads((rd.path / "bon.json").read_text())
     table = {row["n"]: row for row in result["best_of_n"]}
@@ -106,7 +109,26 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local,
     assert table[16]["win_rate_vs_greedy"] > table[1]["win_rate_vs_greedy"], table
     assert result["golden_greedy"] is not None and "win rate vs greedy" in (rd.path / "report.md").read_text()
     assert (rd.path / "reward_model" / "config.json").is_file()
-    assert "| 16 |" in (rd.path / "report.md").read_text()
+    report = (rd.path / "report.md").read_text()
+    assert "| 16 |" in report
+    # seeds/000 Table 2: the selections at N = 16 and pi_SFT's plain sample, pairwise, by both critics
+    critics = result["critics"]
+    assert critics["n"] == 16 and critics["policies"] == ["BoN IRL-RM", "BoN compare_reward", "SFT"]
+    by_golden = {tuple(p): s for p, s in zip(critics["pairs"], critics["golden"])}
+    for name in ("BoN IRL-RM", "BoN compare_reward"):
+        s = by_golden[(name, "SFT")]
+        assert s["win"] > s["lose"] and abs(s["win"] + s["tie"] + s["lose"] - 1) < 1e-9 and s["compared"] == 128
+    assert all(s["tie"] == 1.0 and s["compared"] == 128 for s in critics["judge"])
+    assert sum(server.calls.values()) == 3 * 128 * 2  # three pairs, both orders
+    assert "Critic: the golden reward" in report and "Critic: the judge `scripted`" in report
+    assert "| BoN IRL-RM | win | - |" in report and "|  | lose |" in report
+    assert len((rd.path / "bon_compare" / "N16.jsonl").read_text().splitlines()) == 128
+    # a rerun that changes only the critics' N judges again from the selection files, without sampling
+    calls = sum(server.calls.values())
+    rd = run(None, resume=rd.path, overrides=["bon.critic_n=4"], echo=lambda *_: None)
+    again = json.loads((rd.path / "bon.json").read_text())
+    assert again["best_of_n"] == result["best_of_n"] and again["critics"]["n"] == 4
+    assert sum(server.calls.values()) == calls + 3 * 128 * 2
     # N = 1 is plain sampling: the same responses as one sample per prompt from pi_SFT with that seed
     selected = [json.loads(line)["response_ids"] for line in (rd.path / "bon" / "N1.jsonl").read_text().splitlines()]
     from afd_ray.data.build import build_data

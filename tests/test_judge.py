@@ -8,12 +8,11 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import answer
 
 from afd_ray.eval.judge import PairwiseJudge, combine, parse_verdict, read_api_key
 from afd_ray.eval.mtbench import Question, grade, load_questions, parse_rating
@@ -40,50 +39,6 @@ def test_position_swap_rule():
     assert combine("A", "B") == "win" and combine("B", "A") == "lose"
     assert combine("A", "A") == "tie" and combine("B", "B") == "tie"  # position bias cancels to a tie
     assert combine("tie", "B") == "tie" and combine(None, "B") == "failed"
-
-
-class Scripted(BaseHTTPRequestHandler):
-    """/v1/chat/completions answered by ``self.server.script(prompt_text, call_no) -> (status, body, delay)``;
-    a delay of None holds the answer until the test ends (a request that times out on any machine)."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        text = body["messages"][-1]["content"]
-        with self.server.lock:
-            self.server.calls[text] = self.server.calls.get(text, 0) + 1
-            self.server.auth.add(self.headers.get("Authorization"))
-            n = self.server.calls[text]
-        status, payload, delay = self.server.script(text, n)
-        if delay is None:
-            self.server.release.wait()
-        time.sleep(delay or 0)
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client timed out and left
-
-    def log_message(self, *args):
-        pass
-
-
-def answer(content: str) -> dict:
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}}
-
-
-@pytest.fixture
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    srv.lock, srv.calls, srv.auth, srv.release = threading.Lock(), {}, set(), threading.Event()
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.release.set()
-    srv.shutdown()
 
 
 def section(text: str, tag: str) -> str:

@@ -5,6 +5,10 @@
 - ``chitchat``: chitchat-dataset 0.9.0: 7,168 human-human conversations (BYU PCC); the first speaker is the
   user, the second the assistant; each assistant turn becomes one demonstration with up to
   ``CHITCHAT_HISTORY`` earlier messages as context.
+- ``chitchat-questions``: the chitchat demonstrations whose answer asks the other person a question (holds a
+  "?"; 27% of them, about 18,000): demonstrations that share a trait one can measure on any response,
+  ``asks_question`` (a golden reward: the share of responses with the trait). Whether a policy picks the
+  trait up from the demonstrations alone is the question the cpu preset and benchmarks/trait.py ask.
 
 Each yields raw rows in the ``messages`` schema; the ordinary parser validates them like any file.
 """
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 CHITCHAT_HISTORY = 3
-SETS = ("chatterbot", "chitchat")
+SETS = ("chatterbot", "chitchat", "chitchat-questions")
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -63,6 +67,11 @@ def chitchat_rows() -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{conv_id}.{len(messages) - 1}", {"messages": context + messages[-1:]}
 
 
+def asks_question(prompts: list[list[int]], responses: list[list[int]], tokenizer) -> list[float]:
+    """The golden reward of ``chitchat-questions``: 1 where the response asks a question ("?"), else 0."""
+    return [float("?" in tokenizer.decode(r, skip_special_tokens=True)) for r in responses]
+
+
 def rows(name: str, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
     if kind != "demonstration":
         raise ValueError(f"offline:{name} holds demonstrations only; preferences need a file or a Hub dataset")
@@ -70,4 +79,6 @@ def rows(name: str, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
         return chatterbot_rows()
     if name == "chitchat":
         return chitchat_rows()
+    if name == "chitchat-questions":
+        return ((key, row) for key, row in chitchat_rows() if "?" in row["messages"][-1]["content"])
     raise ValueError(f"unknown offline set offline:{name}; choose one of {['offline:' + s for s in SETS]}")

@@ -2,7 +2,8 @@
 
 A source is one of:
   - a local file: ``.jsonl`` (one object per line), ``.json`` (a list of objects) or ``.parquet``;
-  - ``offline:chatterbot`` / ``offline:chitchat`` (``afd_ray.data.offline``, no network);
+  - ``offline:chatterbot`` / ``offline:chitchat`` / ``offline:chitchat-questions`` (``afd_ray.data.offline``, no
+    network);
   - a Hub dataset name, read with ``datasets.load_dataset``; the known ones get their adapter
     (HuggingFaceH4/ultrachat_200k ``train_sft``, CarperAI/openai_summarize_tldr, Anthropic/hh-rlhf); a
     folder inside a dataset repository follows a colon: ``Anthropic/hh-rlhf:harmless-base``.
@@ -110,7 +111,8 @@ def _hub_rows(source: str, split: str | None, adapters: dict) -> tuple[str, Iter
     except Exception as e:  # network, auth, missing split: one message that says what to do
         raise RuntimeError(
             f"could not load Hub dataset {source!r} split {split!r} ({type(e).__name__}: {e}). Without network, "
-            "use a local .jsonl/.json/.parquet file or an offline set (offline:chatterbot, offline:chitchat)."
+            "use a local .jsonl/.json/.parquet file or an offline set (offline:chatterbot, offline:chitchat, "
+            "offline:chitchat-questions)."
         ) from e
     return f"{source}[{split}]", ((i, adapt(r)) for i, r in enumerate(ds))
 

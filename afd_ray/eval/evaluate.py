@@ -132,10 +132,7 @@ def evaluate(targets: list[Target], prompts: list[Encoded], tokenizer, out_dir: 
     if judge:  # first: a key that must not go to this URL stops the evaluation before any generation
         from afd_ray.eval.judge import PairwiseJudge
 
-        pj = PairwiseJudge(judge["base_url"], judge["model"], template=judge.get("template", "general"),
-                           api_key_env=judge.get("api_key_env", "OPENAI_API_KEY"),
-                           max_concurrency=judge.get("max_concurrency", 8), max_retries=judge.get("max_retries", 4),
-                           timeout=judge.get("timeout", 60.0))
+        pj = PairwiseJudge(**judge)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"targets": {t.name: {"policy": t.policy, "reward": t.reward} for t in targets},
                     "prompts": len(prompts)}

@@ -83,3 +83,14 @@ def win_rate(candidate: list[float], baseline: list[float]) -> tuple[float, floa
     if len(candidate) != len(baseline):
         raise ValueError(f"win_rate: {len(candidate)} candidate vs {len(baseline)} baseline scores")
     return mean_se([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(candidate, baseline)])
+
+
+def golden_comparison(candidate: list[float], baseline: list[float]):
+    """The golden reward as a pairwise critic: per prompt a win (candidate scores higher), tie or lose, in the
+    judge's result form, so its ``summary()`` gives the same win / tie / lose rates with standard errors."""
+    from afd_ray.eval.judge import Comparison, JudgeResult
+
+    if len(candidate) != len(baseline):
+        raise ValueError(f"golden_comparison: {len(candidate)} candidate vs {len(baseline)} baseline scores")
+    return JudgeResult([Comparison(i, "win" if a > b else "tie" if a == b else "lose")
+                        for i, (a, b) in enumerate(zip(candidate, baseline))])

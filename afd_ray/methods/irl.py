@@ -24,7 +24,6 @@ from afd_ray.driver import (
     Collaborators,
     LoopState,
     PreferenceData,
-    evaluate_policy,
     heldout_diagnostics,
     heldout_sample,
     irl_iteration,
@@ -200,11 +199,30 @@ class IRL:
         return written
 
     def finish(self) -> None:
-        final = evaluate_policy(self.cfg, self.heldout, self.c) if self.heldout else {}
-        kept = self.rd.path / "sft_heldout.json"
-        if kept.is_file():  # pi_SFT's held-out responses under the same final reward model and golden reward
-            scored = heldout_diagnostics(self.heldout, json.loads(kept.read_text()), self.c)
-            final |= {f"pi_sft/{k.split('/', 1)[1]}": v for k, v in scored.items()}
+        """The final policy's held-out responses (``final_heldout.json``, pi_SFT's seed) and their diagnostics;
+        pi_SFT's beside them under the same final reward model and golden reward, with the golden reward's
+        standard errors and the final policy's per-prompt golden win rate against pi_SFT."""
+        from afd_ray.eval.golden import mean_se, win_rate
+        from afd_ray.runtime.files import atomic_write
+
+        final = {}
+        if self.heldout:
+            responses = heldout_sample(self.cfg, self.heldout, self.c)
+            atomic_write(self.rd.path / "final_heldout.json", json.dumps(responses))
+            final = {f"final/{k.split('/', 1)[1]}": v
+                     for k, v in heldout_diagnostics(self.heldout, responses, self.c).items()}
+            kept = self.rd.path / "sft_heldout.json"
+            if kept.is_file():  # pi_SFT's held-out responses under the same final reward model and golden reward
+                sft = json.loads(kept.read_text())
+                scored = heldout_diagnostics(self.heldout, sft, self.c)
+                final |= {f"pi_sft/{k.split('/', 1)[1]}": v for k, v in scored.items()}
+                if self.golden is not None:
+                    prompts = [d.prompt_ids for d in self.heldout]
+                    g_final, g_sft = self.golden(prompts, responses), self.golden(prompts, sft)
+                    final["final/heldout_policy_se"], final["pi_sft/heldout_policy_se"] = (
+                        mean_se(g_final)[1], mean_se(g_sft)[1])
+                    final["final/golden_win_rate_vs_pi_sft"], final["final/golden_win_rate_vs_pi_sft_se"] = (
+                        win_rate(g_final, g_sft))
         (self.report or write_report)(self.rd, self.cfg, final)
         self.echo(f"done: {self.rd.path} ({self.rd.path / 'report.md'})")
 

@@ -16,6 +16,7 @@ whole curve: the best of the first N samples, for every N of ``bon.n``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -223,6 +224,11 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
     if not heldout:
         raise ValueError("inverse_rlignment evaluates Best-of-N on held-out prompts: set data.heldout > 0")
     golden = load_golden(cfg.run.golden_reward, tokenizer, cfg.run.golden_format, prompt_messages(train, heldout))
+    judge = None
+    if cfg.judge.base_url:  # first: a key that must not go to this URL stops the run before any work
+        from afd_ray.eval.judge import PairwiseJudge
+
+        judge = PairwiseJudge(**dataclasses.asdict(cfg.judge))
     ensure_ray()
     done = rd.path / "bon.json"
     kept = json.loads(done.read_text()) if done.is_file() and (rd.path / "reward_model" / "config.json").is_file() \
@@ -232,6 +238,11 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
         echo(f"discriminator and Best-of-N already done in {rd.path}")
     else:
         result = discriminator_and_best_of_n(cfg, rd, init, tokenizer, train, heldout, golden, echo)
+    critics = critic_tables(cfg, rd, [d.prompt_ids for d in bon_prompts(cfg, heldout)], golden, judge,
+                            result.get("critics"), echo)
+    if critics is not None and critics != result.get("critics"):
+        result["critics"] = critics
+        atomic_write(done, json.dumps(result, indent=1))
     if cfg.bon.rl_iterations:
         rl = rl_on_learned_reward(cfg, rd, result["sft_path"], echo)
         if rl is None:
@@ -244,9 +255,9 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
 
 def _stage_config(d: dict) -> dict:
     """What the discriminator and Best-of-N depend on: everything but the run's bookkeeping (a resume that
-    changes only run.* or the RL stage's iterations keeps them)."""
-    return {k: v for k, v in d.items() if k != "run"} | {"bon": {k: v for k, v in d["bon"].items()
-                                                                  if k != "rl_iterations"}}
+    changes only run.*, the judge, the critics' N or the RL stage's iterations keeps them)."""
+    return {k: v for k, v in d.items() if k not in ("run", "judge")} | {
+        "bon": {k: v for k, v in d["bon"].items() if k not in ("rl_iterations", "critic_n")}}
 
 
 def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, train, heldout, golden, echo) -> dict:
@@ -260,7 +271,7 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
         echo(f"SFT from {init} on {len(train)} demonstrations (Ray Train)")
         sft_path = str(train_sft(cfg, train, rd.path / "sft", init, heldout=heldout, echo=echo))
     rm_demos = train[: cfg.bon.rm_prompts] if cfg.bon.rm_prompts else train
-    eval_demos = heldout[: cfg.bon.prompts] if cfg.bon.prompts else heldout
+    eval_demos = bon_prompts(cfg, heldout)
     positive, negative = DATA_CHOICES[cfg.bon.data_choice]
     prompts = [d.prompt_ids for d in rm_demos + eval_demos]
     drawn = {}
@@ -309,10 +320,12 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
         echo(f"Best-of-N with bon.compare_reward {path}")
         system = System(cfg, {"rollout": sft_path, "reward": path}, tokenizer, [], roles=("rollout", "reward"),
                         fixed_reward=True)
+        writer = SelectionWriter(rd.path / "bon_compare", tokenizer, cfg.bon.n)
         try:  # the same sampling seeds as the discriminator's pass: the same pool of samples per prompt
             rows = best_of_n(system.handles["rollout"].generate, checked(system.handles["reward"].score),
                              eval_prompts, cfg.bon.n, spec, cfg.bon.prompt_batch, cfg.bon.sample_chunk,
-                             golden=golden, greedy_golden=greedy_golden)
+                             golden=golden, sink=writer, greedy_golden=greedy_golden)
+            writer.close()
         finally:
             system.shutdown()
         compare = {"model": path, "best_of_n": [rows[n].summary() for n in cfg.bon.n]}
@@ -330,12 +343,81 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
     return result
 
 
+def bon_prompts(cfg: Config, heldout: list[Encoded]) -> list[Encoded]:
+    """The held-out demonstrations whose prompts Best-of-N and the critics take (bon.prompts; 0 = all)."""
+    return heldout[: cfg.bon.prompts] if cfg.bon.prompts else heldout
+
+
+CRITIC_POLICIES = (("BoN IRL-RM", "bon"), ("BoN compare_reward", "bon_compare"))
+
+
+def critic_tables(cfg: Config, rd: RunDir, prompts: list[list[int]], golden, judge, kept: dict | None,
+                  echo) -> dict | None:
+    """seeds/000 Table 2: the Best-of-N selections at N = bon.critic_n of the discriminator (IRL-RM) and of
+    bon.compare_reward, and pi_SFT's plain sample (N = 1, the "SFT" column), compared pairwise (each pair
+    once) by the golden reward and by the judge (both orders, afd_ray.eval.judge). Read from the selection
+    files, so a rerun that changes only the judge or the N judges again without sampling again; a kept
+    judge result for the same judge and N is reused. None when fewer than two policies are there or no
+    critic is set."""
+    from afd_ray.eval.golden import golden_comparison
+
+    if golden is None and judge is None:
+        return None
+    n = cfg.bon.critic_n or cfg.bon.n[-1]
+    files = {name: rd.path / folder / f"N{n}.jsonl" for name, folder in CRITIC_POLICIES}
+    if n != 1 and 1 in cfg.bon.n:
+        files["SFT"] = rd.path / "bon" / "N1.jsonl"
+    rows = {name: [json.loads(line) for line in f.read_text().splitlines()] for name, f in files.items()
+            if f.is_file()}
+    if len(rows) < 2:
+        return None
+    for name, got in rows.items():
+        if len(got) != len(prompts):
+            raise ValueError(f"{files[name]}: {len(got)} selections for {len(prompts)} Best-of-N prompts; the "
+                             f"file is from another configuration. Delete bon.json to draw Best-of-N again.")
+    names = list(rows)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    out: dict = {"n": n, "policies": names, "pairs": [list(p) for p in pairs]}
+    if golden is not None:
+        g = {name: golden(prompts, [r["response_ids"] for r in got]) for name, got in rows.items()}
+        out["golden"] = [golden_comparison(g[a], g[b]).summary() for a, b in pairs]
+    if judge is not None:
+        setting = {"model": cfg.judge.model, "base_url": cfg.judge.base_url, "template": cfg.judge.template}
+        if kept and kept.get("judge_setting") == setting and kept.get("n") == n and kept.get("policies") == names:
+            out["judge"], out["judge_setting"] = kept["judge"], setting
+        else:
+            texts = {name: [r["response"] for r in got] for name, got in rows.items()}
+            prompt_text = [r["prompt"] for r in rows[names[0]]]
+            echo(f"judge {cfg.judge.model} on {len(pairs)} pairs of Best-of-N selections (N = {n}), both orders")
+            out["judge"] = [judge.compare(prompt_text, texts[a], texts[b], desc=f"judge {a} vs {b}").summary()
+                            for a, b in pairs]
+            out["judge_setting"] = setting
+    return out
+
+
+def critic_lines(critics: dict, critic: str) -> list[str]:
+    """Table 2's layout: a row block per policy (win / tie / lose against each column's policy, with the
+    standard error in parentheses)."""
+    names = critics["policies"]
+    result = {tuple(p): s for p, s in zip(critics["pairs"], critics[critic])}
+    lines = ["| | | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for a in names:
+        for k, other in (("win", "lose"), ("tie", "tie"), ("lose", "win")):
+            cells = []
+            for b in names:
+                s, key = (result[(a, b)], k) if (a, b) in result else (result.get((b, a)), other)
+                cells.append("-" if s is None else f"{s[key]:.3f} ({s[key + '_se']:.3f})")
+            lines.append(f"| {a if k == 'win' else ''} | {k} | " + " | ".join(cells) + " |")
+    failed = sum(s.get("failed", 0) for s in critics[critic])
+    if failed:
+        lines += ["", f"{failed:.0f} comparisons failed (retries ran out) and are left out of the rates."]
+    return lines
+
+
 def rl_on_learned_reward(cfg: Config, rd: RunDir, sft_path: str, echo) -> dict | None:
     """The IRL loop's policy step on the fixed discriminator reward (no reward updates), from pi_SFT, in
     the runtime (checkpoints every run.checkpoint_every, resume, recovery); the final policy is saved as
     ``rl_policy/``. Returns the final held-out diagnostics, or None when stopped early (run.stop_after)."""
-    import dataclasses
-
     from afd_ray.methods.irl import IRL
 
     rl_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, iterations=cfg.bon.rl_iterations),
@@ -388,6 +470,19 @@ def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
     if result.get("compare"):
         sections.append((f"Best-of-N with bon.compare_reward `{result['compare']['model']}` (the same samples)",
                          _table(result["compare"]["best_of_n"])))
+    critics = result.get("critics")
+    if critics:
+        said = {"BoN IRL-RM": f"the discriminator's selection at N = {critics['n']}",
+                "BoN compare_reward": f"`{cfg.bon.compare_reward}`'s selection at that N from the same samples",
+                "SFT": "pi_SFT's plain sample (N = 1)"}
+        what = "; ".join(f"{name}: {said[name]}" for name in critics["policies"]) + (
+            ". Row against column; standard errors in parentheses.")
+        if "golden" in critics:
+            sections.append(("Critic: the golden reward (seeds/000 Table 2's layout)",
+                             [what, ""] + critic_lines(critics, "golden")))
+        if "judge" in critics:
+            sections.append((f"Critic: the judge `{critics['judge_setting']['model']}` (seeds/000 Table 2, both "
+                             f"orders)", [what, ""] + critic_lines(critics, "judge")))
     if "rl" in result:
         sections.append(("RL on the learned reward (final policy, held-out prompts)",
                          [f"- {k}: {v:.4f}" for k, v in sorted(result["rl"].items())]))
