@@ -55,7 +55,8 @@ class ModelConfig:
     """pi_SFT (an HF path). irl, aihf and inverse_rlignment: empty = train it first from model.policy on the
     demonstrations with the `sft` section (a Ray Train job); irl and aihf then run the loop from pi_SFT with
     pi_ref = pi_SFT and the reward backbone pi_SFT (seeds/002, seeds/004); `none`: from model.policy as given
-    (not for inverse_rlignment). spin, dpo, ipo, bt_rm start from it when given, else from model.policy."""
+    (not for inverse_rlignment). spin, dpo, ipo, bt_rm and aihf's rpo / spac forms start from it when given,
+    else from model.policy."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Parameter dtype of learners, reference and rollout engines; auto = bfloat16 where the hardware computes it
     natively (every GPU afd_ray supports; a CPU with AVX512-BF16 or AMX-BF16, ``native_bf16``), else float32
@@ -408,6 +409,14 @@ class RunConfig:
     """Which recipe runs (DESIGN.md Sec. 1): irl (bi-level loop), sft, inverse_rlignment (SFT ->
     discriminator RM -> Best-of-N), the baselines spin, dpo, ipo, bt_rm, aihf, and rlhf: RL on a fixed reward
     (seeds/004 Protocol 3), the frozen model.reward and/or the rule rewards of reward.functions."""
+    aihf_form: Literal["bilevel", "rpo", "spac"] = "bilevel"
+    """aihf (seeds/004 Eq. 23-24), with gamma = reward.demo_weight and alpha = reward.preference_weight:
+    bilevel = Eq. 24a-24b, a reward model from demonstration-vs-sample and preference pairs and RL on it;
+    rpo = its special case with the policy as the reward (after Eq. 24): the demonstrations' NLL (gamma)
+    plus DPO on the preference pairs (alpha), against pi_ref, no samples; spac = the same with Eq. 24's
+    demonstration-vs-sample pairs as DPO pairs (gamma; the samples from pi_t) beside the preference pairs
+    (alpha), against pi_ref. rpo and spac take policy.pairs_per_step preference pairs and
+    rollout.prompts_per_iteration demonstrations per step."""
     iterations: int = 3
     """Outer iterations K of the bi-level loop."""
     seed: int = 0
@@ -780,6 +789,8 @@ def validate(cfg: Config) -> None:
     if cfg.critic.enabled:
         need(cfg.policy.algo == "ppo", f"critic.enabled=true trains a value model for policy.algo=ppo, got "
                                        f"policy.algo={cfg.policy.algo}")
+    need(cfg.run.aihf_form == "bilevel" or cfg.run.method == "aihf",
+         f"run.aihf_form={cfg.run.aihf_form} is a form of run.method=aihf, got run.method={cfg.run.method}")
     if cfg.run.method in ("aihf", "dpo", "ipo", "bt_rm"):
         need(bool(cfg.data.preferences), f"run.method={cfg.run.method} needs preference data: set data.preferences")
     need(not cfg.reward.function_weights or len(cfg.reward.function_weights) == len(cfg.reward.functions),

@@ -17,7 +17,7 @@ from afd_ray.runtime.rundir import RunDir
 # every recipe: run(cfg, rd, echo) -> RunDir; the runtime owns rd (config, checkpoints, metrics, report)
 RECIPES = {
     "irl": irl.run,
-    "aihf": irl.run,
+    "aihf": lambda cfg, rd, echo: (irl.run if cfg.run.aihf_form == "bilevel" else baselines.run)(cfg, rd, echo),
     "rlhf": irl.run,
     "inverse_rlignment": irlignment.run,
     "dpo": baselines.run,

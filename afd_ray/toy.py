@@ -58,12 +58,15 @@ def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.
 
 
 def make_preferences(tokenizer, n: int, seed: int = 0, vary_length: bool = True,
-                     eos: bool = True) -> list[EncodedPreference]:
+                     eos: bool = True, annotator_temperature: float = 0.0) -> list[EncodedPreference]:
     """n preference triples (prompt, chosen, rejected) ranked by the golden reward: two responses per
     prompt, each with its own parity-match probability in [0.2, 0.95] and (``vary_length``) its own length
     of 4-8 digits, as a partly trained policy writes them; the higher golden reward is chosen (ties are
     redrawn). ``vary_length=False``: always 8 digits, so only the parity rule separates the pair.
-    ``eos=False``: no end token, as in the fixed-length variant (implies ``vary_length=False``)."""
+    ``eos=False``: no end token, as in the fixed-length variant (implies ``vary_length=False``).
+    ``annotator_temperature`` tau > 0: noisy labels (seeds/000 Sec. 1: annotators of two responses of one
+    model are "highly uncertain and noisy"): a Bradley-Terry annotator prefers a over b with probability
+    sigmoid((r*(a) - r*(b)) / tau), so close pairs are near coin flips; 0 = the golden ranking itself."""
     vary_length = vary_length and eos
     end = [tokenizer.eos_token_id] if eos else []
     digits = digit_ids(tokenizer)
@@ -87,7 +90,11 @@ def make_preferences(tokenizer, n: int, seed: int = 0, vary_length: bool = True,
         hits = [sum(d % 2 == x[0] % 2 for d in y) for y in (a, b)]
         if hits[0] == hits[1]:
             continue
-        chosen, rejected = (a, b) if hits[0] > hits[1] else (b, a)
+        first = hits[0] > hits[1]
+        if annotator_temperature > 0:
+            p_first = torch.sigmoid(torch.tensor((hits[0] - hits[1]) / LENGTH / annotator_temperature))
+            first = bool(torch.rand((), generator=g) < p_first)
+        chosen, rejected = (a, b) if first else (b, a)
         prompt = [tokenizer.bos_token_id] + [digits[d] for d in x] + [sep]
         out.append(EncodedPreference(prompt, [digits[d] for d in chosen] + end, [digits[d] for d in rejected] + end,
                                      "toy", len(out)))

@@ -70,7 +70,10 @@ class PolicyBatch:
     (0 when the KL is folded into the reward); ref_seq_logp: (B,) reference sequence log-probs for dpo;
     token_advantages: per sequence lists of per-token advantages (ppo with a critic; used instead of
     ``advantages``); returns: per-token value targets that came with them (for the critic's update);
-    beta: the DPO beta (IPO's tau for loss_type "ipo"); loss_type: "dpo" or "ipo"; nll_coef: weight of the chosen responses' per-token NLL added to the DPO loss (RPO).
+    beta: the DPO beta (IPO's tau for loss_type "ipo"); loss_type: "dpo" or "ipo"; nll_coef: weight of the
+    chosen responses' per-token NLL added to the DPO loss (TRL's rpo_alpha); pair_weight: (P,) weight of each
+    pair's DPO term (SPAC); sft_seqs / sft_coef: demonstrations whose per-token NLL, times sft_coef, joins
+    the DPO loss in the same optimizer step (seeds/004's RPO).
     is_weight: per sequence lists of per-token importance weights min(pi_old / pi_engine, C) on the pg loss
     (None: the samples came from pi_old itself).
     """
@@ -86,6 +89,9 @@ class PolicyBatch:
     beta: float = 0.1
     loss_type: str = "dpo"
     nll_coef: float = 0.0
+    pair_weight: torch.Tensor | None = None
+    sft_seqs: SequenceBatch | None = None
+    sft_coef: float = 1.0
     clip_eps: float = 0.2
     dual_clip: float | None = None
     token_advantages: list[list[float]] | None = None
@@ -97,12 +103,14 @@ class PolicyBatch:
         parts dividing the prompt count, whole prompt groups)."""
         unit = 2 if self.objective == "dpo" else 1
         n = len(self.seqs) // unit
+        m = len(self.sft_seqs) if self.sft_seqs is not None else 0
         out = []
         for k in range(parts):
             lo, hi = k * n // parts * unit, (k + 1) * n // parts * unit
             if hi == lo:
                 continue
             pick = list(range(lo, hi))
+            d_lo, d_hi = k * m // parts, (k + 1) * m // parts  # the demonstrations (RPO) in step with the pairs
             out.append(dataclasses.replace(
                 self, seqs=SequenceBatch(self.seqs.prompts[lo:hi], self.seqs.responses[lo:hi]),
                 advantages=None if self.advantages is None else self.advantages[pick],
@@ -111,7 +119,10 @@ class PolicyBatch:
                 token_advantages=None if self.token_advantages is None else self.token_advantages[lo:hi],
                 returns=None if self.returns is None else self.returns[lo:hi],
                 is_weight=None if self.is_weight is None else self.is_weight[lo:hi],
-                ref_seq_logp=None if self.ref_seq_logp is None else self.ref_seq_logp[pick]))
+                ref_seq_logp=None if self.ref_seq_logp is None else self.ref_seq_logp[pick],
+                pair_weight=None if self.pair_weight is None else self.pair_weight[lo // unit:hi // unit],
+                sft_seqs=None if self.sft_seqs is None else SequenceBatch(self.sft_seqs.prompts[d_lo:d_hi],
+                                                                          self.sft_seqs.responses[d_lo:d_hi])))
         return out
 
 

@@ -143,6 +143,24 @@ def test_dpo_hand_numbers_and_stats():
     assert smooth.item() == pytest.approx(0.9 * softplus(-1.0) + 0.1 * softplus(1.0))
 
 
+def test_weighted_dpo_and_ipo_by_hand_and_the_split_keeps_weights_with_their_pairs():
+    """SPAC's per-pair weights (gamma on demonstration-vs-sample pairs, alpha on preference pairs)."""
+    from afd_ray.types import PolicyBatch, SequenceBatch
+
+    w, lw, ref = t(-1.0, -1.0), t(-3.0, -1.0), t(-2.0, -2.0)
+    loss, _ = dpo_loss(w, lw, ref, ref, beta=0.5, weight_B=t(2.0, 0.0))
+    assert loss.item() == pytest.approx(2.0 * softplus(-1.0) / 2)  # the second pair weighs nothing
+    ipo, _ = ipo_loss(w, lw, ref, ref, beta=0.5, weight_B=t(0.0, 3.0))
+    assert ipo.item() == pytest.approx(3.0 * (0.0 - 1.0) ** 2 / 2)
+    seqs = SequenceBatch([[1]] * 8, [[k] for k in range(8)])
+    demos = SequenceBatch([[1]] * 3, [[9]] * 3)
+    batch = PolicyBatch("dpo", seqs, ref_seq_logp=torch.arange(8.0), pair_weight=t(1.0, 2.0, 3.0, 4.0),
+                        sft_seqs=demos)
+    a, b = batch.split(2)
+    assert a.pair_weight.tolist() == [1.0, 2.0] and b.pair_weight.tolist() == [3.0, 4.0]
+    assert a.ref_seq_logp.tolist() == [0.0, 1.0, 2.0, 3.0] and len(a.sft_seqs) + len(b.sft_seqs) == 3
+
+
 def test_dpo_gradient_direction_and_stability():
     w, l = t(-5.0, grad=True), t(-5.0, grad=True)
     loss, _ = dpo_loss(w, l, t(-5.0), t(-5.0), beta=0.1)

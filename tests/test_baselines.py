@@ -69,6 +69,25 @@ def test_aihf_mixes_preferences_into_the_reward_step(ray_local, toy_sft, tmp_pat
     assert ms[-1]["heldout/reward_accuracy"] > 0.6 and "heldout/preference_accuracy" in ms[-1]
 
 
+@pytest.mark.parametrize("form, overrides", [("rpo", ("run.iterations=6",)),
+                                             ("spac", ("run.iterations=3", "rollout.n=2"))])
+def test_aihf_special_cases_rpo_and_spac_learn_the_preferences(ray_local, toy_sft, tmp_path, form, overrides):
+    """seeds/004 after Eq. 24: the policy is the reward. rpo: the demonstrations' NLL plus DPO on preference
+    pairs in one step; spac: demonstration-vs-own-sample pairs beside the preference pairs, as DPO pairs."""
+    rd = run(toy(tmp_path, form, "run.method=aihf", f"run.aihf_form={form}", f"model.policy={toy_sft}",
+                 "policy.pairs_per_step=64", "policy.lr=1e-3", "policy.micro_batch_size=64", "policy.dpo_beta=0.5",
+                 "rollout.prompts_per_iteration=32", *overrides), echo=lambda *_: None)
+    ms = rd.metrics()
+    acc0, acc1 = first_last(rd, "heldout/implicit_reward_accuracy")
+    assert acc1 > 0.6 and acc1 > acc0, (acc0, acc1)
+    if form == "rpo":  # the demonstrations' NLL is in the loss, and falls while the preferences are learned
+        assert ms[-1]["policy/demo_nll"] < ms[0]["policy/demo_nll"], [m["policy/demo_nll"] for m in ms]
+    else:  # sampled from pi_t, then the new weights reached the engines
+        assert "policy/demo_nll" not in ms[-1] and max(m["sync/sync_logprob_diff"] for m in ms) < 1e-3
+        assert "golden/heldout_policy" in ms[-1]
+    assert (rd.path / "policy" / "model.safetensors").is_file()
+
+
 def test_a_stopped_dpo_run_resumes_and_reproduces_the_uninterrupted_run(ray_local, toy_sft, tmp_path):
     args = ("run.method=dpo", f"model.policy={toy_sft}", "run.iterations=4", "policy.pairs_per_step=32",
             "policy.lr=1e-3", "policy.micro_batch_size=64", "run.checkpoint_every=2")

@@ -130,6 +130,7 @@ def dpo_loss(
     beta: float,
     label_smoothing: float = 0.0,
     denom: float | torch.Tensor | None = None,
+    weight_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (seeds/004 Eq. 18, Protocol 6):
 
@@ -139,11 +140,14 @@ def dpo_loss(
     label_smoothing eps > 0 gives conservative DPO: (1-eps) l(h) + eps l(-h).
     Returns (loss, stats) with the implicit rewards beta*log(pi/pi_ref) (B,) and the pair accuracy.
     SPIN (seeds/004 Protocol 2 / Eq. 12 with the logistic ell) is this loss with the demonstration as y_w,
-    the policy's own sample as y_l and the previous iterate pi_t in place of pi_ref.
+    the policy's own sample as y_l and the previous iterate pi_t in place of pi_ref. weight_B: a weight per
+    pair (SPAC, seeds/004 after Eq. 24: gamma on demonstration-vs-sample pairs, alpha on preference pairs).
     """
     lr_w, lr_l = _logratio_margin(logp_chosen_B, logp_rejected_B, ref_logp_chosen_B, ref_logp_rejected_B)
     h_B = beta * (lr_w - lr_l)
     loss_B = -(1 - label_smoothing) * F.logsigmoid(h_B) - label_smoothing * F.logsigmoid(-h_B)
+    if weight_B is not None:
+        loss_B = loss_B * weight_B
     return batch_mean(loss_B, denom), _pair_stats(beta * lr_w, beta * lr_l)
 
 
@@ -154,6 +158,7 @@ def ipo_loss(
     ref_logp_rejected_B: torch.Tensor,
     beta: float,
     denom: float | torch.Tensor | None = None,
+    weight_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """IPO (Azar et al.): the squared variant of Eq. 18 that does not push the margin to infinity,
 
@@ -162,8 +167,10 @@ def ipo_loss(
     Inputs as for ``dpo_loss``; beta plays the role of IPO's tau. Returns (loss, stats).
     """
     lr_w, lr_l = _logratio_margin(logp_chosen_B, logp_rejected_B, ref_logp_chosen_B, ref_logp_rejected_B)
-    loss = batch_mean((lr_w - lr_l - 1.0 / (2.0 * beta)).square(), denom)
-    return loss, _pair_stats(beta * lr_w, beta * lr_l)
+    loss_B = (lr_w - lr_l - 1.0 / (2.0 * beta)).square()
+    if weight_B is not None:
+        loss_B = loss_B * weight_B
+    return batch_mean(loss_B, denom), _pair_stats(beta * lr_w, beta * lr_l)
 
 
 def _pair_stats(reward_w_B: torch.Tensor, reward_l_B: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -5,7 +5,10 @@
 - ``spin``: self-play fine-tuning (seeds/004 Protocol 2): each iteration pairs demonstrations (winners)
   with the current policy's own samples (losers) and takes DPO steps against the previous iterate pi_t.
 
-(``aihf`` is the IRL loop with preference pairs mixed into its reward step: ``afd_ray.driver``.)
+- ``aihf`` with ``run.aihf_form`` rpo / spac: seeds/004's special cases of AIHF with the policy as the
+  reward (after Eq. 24), ``DirectAIHF``.
+
+(``aihf`` itself, ``bilevel``, is the IRL loop with preference pairs in its reward step: ``afd_ray.driver``.)
 Each writes ``metrics.jsonl`` per iteration, ``report.md`` and the trained model (``policy/`` or
 ``reward_model/``) into its run directory.
 """
@@ -73,7 +76,8 @@ class Baseline:
         self.tokenizer = load_tokenizer(self.start_path)
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite)
         self.system = None
-        self.cursor = None
+        self.cursor = self.pref_cursor = None
+        self.prefs: list = []
         self.metrics: dict[str, float] = {}
 
     # the recipe's own parts (and self.train, the items its data cursor walks)
@@ -82,10 +86,14 @@ class Baseline:
 
     def start(self, last: Checkpoint | None) -> None:
         self.cursor = DataCursor(len(self.train), seed=self.cfg.run.seed)
+        if self.prefs:  # a second data stream (DirectAIHF's preference pairs)
+            self.pref_cursor = DataCursor(len(self.prefs), seed=self.cfg.run.seed + 1)
         model, skips = self.initial_model(), {}
         if last is not None:
             loop = torch.load(last.path / "loop.pt", weights_only=True)  # our own file, still never code
             self.cursor, model = DataCursor(**loop["cursor"]), str(last.path / self.learner)
+            if "pref_cursor" in loop:
+                self.pref_cursor = DataCursor(**loop["pref_cursor"])
             skips = loop.get("nonfinite", {})
         self.guard = NonFiniteGuard(self.cfg.run.max_nonfinite, skips)  # counts as of the checkpoint
         ensure_ray()
@@ -115,7 +123,10 @@ class Baseline:
                                                          self.start_path)
         write_model_card(tmp / self.learner, self.cfg, self.learner, self.start_path, self.metrics,
                          int(self.metrics.get("iteration", 0)), self.rd.path.name)
-        torch.save({"cursor": asdict(self.cursor), "nonfinite": self.guard.total}, tmp / "loop.pt")
+        loop = {"cursor": asdict(self.cursor), "nonfinite": self.guard.total}
+        if self.pref_cursor is not None:
+            loop["pref_cursor"] = asdict(self.pref_cursor)
+        torch.save(loop, tmp / "loop.pt")
         return {self.learner: written}
 
     def finish(self) -> None:
@@ -248,7 +259,84 @@ class SPIN(Baseline):
         return m | {f"sync/{k}": v for k, v in synced(self.system.sync, self.guard, t).items()}
 
 
-RECIPES = {"dpo": DPO, "ipo": DPO, "bt_rm": BTRewardModel, "spin": SPIN}
+class DirectAIHF(Baseline):
+    """seeds/004's special cases of AIHF (Eq. 23-24) with the policy as the reward (``run.aihf_form``):
+
+        rpo:   max_theta  gamma E_{(x,y)~D_demo}[log pi(y|x)]
+                          + alpha E_{(x,y_w,y_l)~D_pref}[ell(beta log pi(y_w)/pi_ref(y_w) - beta log pi(y_l)/pi_ref(y_l))]
+        spac:  max_theta  gamma E_{(x,y)~D_demo, y'~pi_t}[ell(beta log pi(y)/pi_ref(y) - beta log pi(y')/pi_ref(y'))]
+                          + alpha (the same preference term)
+
+    ell = log sigmoid, gamma = reward.demo_weight, alpha = reward.preference_weight, beta = policy.dpo_beta,
+    pi_ref = the starting policy (model.reference overrides). Each iteration is one optimizer step on
+    policy.pairs_per_step preference pairs and rollout.prompts_per_iteration demonstrations (spac: rollout.n
+    samples of each from pi_t, then the new weights go to the engines). Where the code differs from the
+    seed: rpo's demonstration term is the per-token mean NLL (the seed writes the sequence log-likelihood),
+    which keeps gamma on the DPO term's scale, as TRL's rpo_alpha does. Held out: the preference pairs'
+    implicit-reward accuracy against pi_ref (and, spac, the golden reward of a pi_t sample per prompt)."""
+
+    report_keys = ["policy/loss", "policy/accuracy", "policy/demo_nll", "heldout/implicit_reward_accuracy",
+                   "heldout/implicit_reward_margin", "golden/heldout_policy"]
+
+    def __init__(self, cfg: Config, rd: RunDir, echo=print):
+        super().__init__(cfg, rd, echo)
+        self.form = cfg.run.aihf_form
+        self.roles = ("policy", "reference") + (("rollout",) if self.form == "spac" else ())
+        self.train, self.heldout = build_data(cfg, self.tokenizer)
+        self.prefs, held = build_preferences(cfg, self.tokenizer)
+        self.held = pair_sequences(*zip(*[(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in held])) \
+            if held else None
+        self.golden = load_golden(cfg.run.golden_reward, self.tokenizer, cfg.run.golden_format,
+                                  prompt_messages(self.train, self.heldout))
+
+    def probe(self) -> list:
+        return self.heldout[:4] if self.form == "spac" else []
+
+    def paths(self, model: str) -> dict[str, str]:
+        from afd_ray.models.loading import resolve_model_path
+
+        ref = resolve_model_path(self.cfg.model.reference) if self.cfg.model.reference else self.start_path
+        return {"policy": model, "reference": ref} | ({"rollout": model} if self.form == "spac" else {})
+
+    def begin(self) -> None:
+        self.policy, self.reference = self.system.handles["policy"], self.system.handles["reference"]
+        self.held_ref = seq_logp(self.reference.logprobs(self.held)) if self.held else None
+        if self.form == "spac":
+            self.system.sync.check()
+
+    def step(self, t: int) -> dict[str, float]:
+        cfg, m = self.cfg, {}
+        gamma, alpha = cfg.reward.demo_weight, cfg.reward.preference_weight
+        demos = [self.train[i] for i in self.cursor.take(cfg.rollout.prompts_per_iteration)]
+        prefs = [self.prefs[i] for i in self.pref_cursor.take(cfg.policy.pairs_per_step)]
+        seqs = pair_sequences([p.prompt_ids for p in prefs], [p.chosen_ids for p in prefs],
+                              [p.rejected_ids for p in prefs])
+        weight, demo_seqs = [alpha] * len(prefs), None
+        if self.form == "spac":  # Eq. 24's demonstration-vs-sample pairs as DPO pairs beside the preferences
+            rollout = self.system.handles["rollout"]
+            samples, probe = sample_with_probe(rollout, cfg, t, [d.prompt_ids for d in demos], self.heldout)
+            if probe is not None and self.golden is not None:
+                m["golden/heldout_policy"] = mean(self.golden([d.prompt_ids for d in self.heldout],
+                                                              probe.response_ids))
+            rollout.sleep()
+            own = _demo_vs_self(demos, samples.response_ids, samples.n)
+            seqs = SequenceBatch(own.prompts + seqs.prompts, own.responses + seqs.responses)
+            weight = [gamma] * (len(own) // 2) + weight
+        else:  # rpo: the demonstrations' NLL in the same step
+            demo_seqs = SequenceBatch([d.prompt_ids for d in demos], [d.response_ids for d in demos])
+        batch = PolicyBatch("dpo", seqs, ref_seq_logp=seq_logp(self.reference.logprobs(seqs)),
+                            beta=cfg.policy.dpo_beta, pair_weight=torch.tensor(weight, dtype=torch.float32),
+                            sft_seqs=demo_seqs, sft_coef=gamma)
+        m |= {f"policy/{k}": v for k, v in self.policy.update(batch).items()}
+        if self.held:
+            m |= {f"heldout/{k}": v for k, v in implicit_reward_accuracy(
+                seq_logp(self.policy.logprobs(self.held)), self.held_ref, cfg.policy.dpo_beta).items()}
+        if self.form == "spac":
+            m |= {f"sync/{k}": v for k, v in synced(self.system.sync, self.guard, t).items()}
+        return m
+
+
+RECIPES = {"dpo": DPO, "ipo": DPO, "bt_rm": BTRewardModel, "spin": SPIN, "aihf": DirectAIHF}
 
 
 def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:

@@ -81,9 +81,13 @@ class PolicyLearner(DeepSpeedRank):
         rows = [k for i in mine for k in (2 * i, 2 * i + 1)]
         seqs = SequenceBatch([batch.seqs.prompts[k] for k in rows], [batch.seqs.responses[k] for k in rows])
         ref = batch.ref_seq_logp
+        weight = batch.pair_weight
+        # the demonstrations' NLL in the same optimizer step (RPO), this rank's share, a global token mean
+        demos = batch.sft_seqs.shard(self.rank, self.world_size) if batch.sft_seqs is not None else None
+        n_demo = len(demos) if demos is not None else 0
+        demo_denom = (self._all_reduce([sum(map(len, demos.responses))])[0] / self.world_size) if demos else None
 
-        def micro(idx):
-            pair_idx = list(idx)
+        def pairs(pair_idx):
             b, empty = self._batch(seqs, [k for i in pair_idx for k in (2 * i, 2 * i + 1)] or [])
             logp, mask = self._token_logp(b)
             seq_logp = masked_sum(logp, mask)
@@ -91,15 +95,28 @@ class PolicyLearner(DeepSpeedRank):
                 return seq_logp.sum() * 0, {}
             r = torch.tensor([ref[rows[2 * i]] for i in pair_idx] + [ref[rows[2 * i + 1]] for i in pair_idx],
                              device=self.device).view(2, -1)
+            w = weight[[mine[i] for i in pair_idx]].to(self.device) if weight is not None else None
             pair_loss = losses.ipo_loss if batch.loss_type == "ipo" else losses.dpo_loss
-            loss, st = pair_loss(seq_logp[0::2], seq_logp[1::2], r[0], r[1], batch.beta, denom=denom)
-            if batch.nll_coef:  # RPO: keep the chosen responses likely while the margin grows
+            loss, st = pair_loss(seq_logp[0::2], seq_logp[1::2], r[0], r[1], batch.beta, denom=denom, weight_B=w)
+            if batch.nll_coef:  # keep the chosen responses likely while the margin grows (TRL's rpo_alpha)
                 nll_B = -seq_logp[0::2] / mask[0::2].sum(1).clamp(min=1)
                 loss = loss + batch.nll_coef * batch_mean(nll_B, denom)
             return loss, {"accuracy": float(st["accuracy"]) * len(pair_idx) / n_pairs,
                           "margin": float((st["reward_chosen"] - st["reward_rejected"]).sum()) / n_pairs}
 
-        return self._step(micro, len(mine))
+        def micro(idx):
+            pair_idx = [i for i in idx if i < len(mine)]
+            demo_idx = [i - len(mine) for i in idx if i >= len(mine)]
+            loss, stats = pairs(pair_idx) if pair_idx or not demo_idx else (0.0, {})
+            if demo_idx:
+                b, _ = self._batch(demos, demo_idx)
+                logp, mask = self._token_logp(b)
+                nll = losses.sft_loss(logp, mask, denom=demo_denom)
+                loss = loss + batch.sft_coef * nll
+                stats = stats | {"demo_nll": float(nll.detach()) / self.world_size}
+            return loss, stats
+
+        return self._step(micro, len(mine) + n_demo)
 
     # ---- weight sync through vLLM's weight-transfer API (afd_ray/workers/transfer.py) -----------------------
 
