@@ -77,8 +77,10 @@ class DataConfig:
     demonstrations: str = "offline:chatterbot"
     """Demonstration source: a .jsonl/.json/.parquet file, a Hub name, offline:chatterbot|offline:chitchat|
     offline:chitchat-questions (afd_ray.data.offline; the last with a measurable trait, its golden reward
-    afd_ray.data.offline:asks_question), `toy` (afd_ray.toy: token-level digit task with an exact golden reward) or `toy-fixed` (its
-    fixed-length variant: eight digits, no end token; sample with rollout.max_new_tokens=8)."""
+    afd_ray.data.offline:asks_question), `toy` (afd_ray.toy: token-level digit task with an exact golden
+    reward), `toy-fixed` (its fixed-length variant: eight digits, no end token; sample with
+    rollout.max_new_tokens=8) or `toy-styled` (`toy` by a heterogeneous demonstrator: each response closed by
+    a format mark that pi_SFT on `toy` never writes, seeds/000 Sec. 3.2)."""
     split: str = ""
     """Hub split; empty = the dataset's usual one (train_sft for UltraChat 200k)."""
     preferences: str = ""
@@ -89,6 +91,10 @@ class DataConfig:
     """Read at most this many demonstrations; 0 = all."""
     heldout: int = 32
     """Demonstrations kept out of training for held-out diagnostics (reward accuracy, win rates)."""
+    probe: int = 0
+    """irl / aihf / rlhf: how many of the held-out prompts are sampled and scored every iteration (the
+    heldout/* and golden/* curves); 0 = all. pi_SFT's and the final policy's evaluation always take every
+    held-out prompt, so a large data.heldout buys a precise final comparison without a costly iteration."""
     max_prompt_tokens: int = 256
     """Prompts longer than this (after the chat template) follow prompt_overflow."""
     max_response_tokens: int = 256
@@ -751,7 +757,8 @@ def validate(cfg: Config) -> None:
          f"policy.dual_clip must be 0 (off) or > 1, got {cfg.policy.dual_clip}")
     need(cfg.reward.replay_window >= -1, f"reward.replay_window must be -1 (all), 0 or more, got "
                                          f"{cfg.reward.replay_window}")
-    need(cfg.data.heldout >= 0 and cfg.data.limit >= 0, "data.heldout and data.limit must be >= 0")
+    need(cfg.data.heldout >= 0 and cfg.data.limit >= 0 and cfg.data.probe >= 0,
+         "data.heldout, data.probe and data.limit must be >= 0")
     need(0 <= cfg.reward.warmup_iterations < cfg.run.iterations,
          f"reward.warmup_iterations must be in [0, run.iterations), got {cfg.reward.warmup_iterations}")
     need(cfg.rollout.kv_cache_gb >= 0, f"rollout.kv_cache_gb must be >= 0, got {cfg.rollout.kv_cache_gb}")

@@ -24,7 +24,9 @@ from afd_ray.data.tokenize import Encoded, EncodedPreference
 
 LENGTH = 8
 PROMPT_DIGITS = 4
-SOURCES = {"toy": True, "toy-fixed": False}  # data source name -> responses end with EOS
+# data source name -> how its items are made: responses end with EOS; a heterogeneous demonstrator's format
+SOURCES = {"toy": {"eos": True}, "toy-fixed": {"eos": False}, "toy-styled": {"eos": True, "style": True}}
+STYLE_MARK = "."
 
 
 def digit_ids(tokenizer) -> list[int]:
@@ -34,15 +36,22 @@ def digit_ids(tokenizer) -> list[int]:
     return ids
 
 
+def _end(tokenizer, eos: bool, style: bool) -> list[int]:
+    return ([tokenizer.convert_tokens_to_ids(STYLE_MARK)] if style else []) + ([tokenizer.eos_token_id] if eos else [])
+
+
 def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.9,
-                        eos: bool = True) -> list[Encoded]:
+                        eos: bool = True, style: bool = False) -> list[Encoded]:
     """n expert demonstrations as token ids (no chat template: the toy model is trained from scratch).
     ``eos=False``: the fixed-length variant, responses are the eight digits alone (sampling stops at eight
-    new tokens), so length carries no signal and only the parity rule separates a policy from the expert."""
+    new tokens), so length carries no signal and only the parity rule separates a policy from the expert.
+    ``style=True`` (``toy-styled``): a heterogeneous demonstrator (seeds/000 Sec. 3.2): the same responses
+    each closed by a format mark (STYLE_MARK) that the golden reward ignores and a pi_SFT behaviour-cloned
+    on ``toy`` never writes, as a stronger model's surface habits that the aligned model's class lacks."""
     digits = digit_ids(tokenizer)
     sep = tokenizer.convert_tokens_to_ids(":")
     g = torch.Generator().manual_seed(seed)
-    end = [tokenizer.eos_token_id] if eos else []
+    end = _end(tokenizer, eos, style)
     out = []
     for i in range(n):
         x = torch.randint(0, 10, (PROMPT_DIGITS,), generator=g).tolist()
@@ -57,18 +66,19 @@ def make_demonstrations(tokenizer, n: int, seed: int = 0, match_prob: float = 0.
     return out
 
 
-def make_preferences(tokenizer, n: int, seed: int = 0, vary_length: bool = True,
-                     eos: bool = True, annotator_temperature: float = 0.0) -> list[EncodedPreference]:
+def make_preferences(tokenizer, n: int, seed: int = 0, vary_length: bool = True, eos: bool = True,
+                     style: bool = False, annotator_temperature: float = 0.0) -> list[EncodedPreference]:
     """n preference triples (prompt, chosen, rejected) ranked by the golden reward: two responses per
     prompt, each with its own parity-match probability in [0.2, 0.95] and (``vary_length``) its own length
     of 4-8 digits, as a partly trained policy writes them; the higher golden reward is chosen (ties are
     redrawn). ``vary_length=False``: always 8 digits, so only the parity rule separates the pair.
     ``eos=False``: no end token, as in the fixed-length variant (implies ``vary_length=False``).
+    ``style``: both responses closed by the format mark, as ``make_demonstrations``.
     ``annotator_temperature`` tau > 0: noisy labels (seeds/000 Sec. 1: annotators of two responses of one
     model are "highly uncertain and noisy"): a Bradley-Terry annotator prefers a over b with probability
     sigmoid((r*(a) - r*(b)) / tau), so close pairs are near coin flips; 0 = the golden ranking itself."""
     vary_length = vary_length and eos
-    end = [tokenizer.eos_token_id] if eos else []
+    end = _end(tokenizer, eos, style)
     digits = digit_ids(tokenizer)
     sep = tokenizer.convert_tokens_to_ids(":")
     g = torch.Generator().manual_seed(10_000 + seed)

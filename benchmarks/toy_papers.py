@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.toy_papers [--parts choices,bt,methods] [--seeds 0]
 
 - ``choices``: seeds/000 Table 1 / Sec. 4.2: Best-of-N from pi_SFT with the discriminator trained on each
-  data choice (Init-SFT, Init-Demo, SFT-Demo); golden reward of the selection at each N.
+  data choice (Init-SFT, Init-Demo, SFT-Demo); golden reward of the selection at each N; on the plain toy
+  and on ``toy-styled`` (the demonstrations closed by a format mark pi_SFT never writes).
 - ``bt``: seeds/000 Sec. 4.2-4.3: the Init-SFT discriminator's Best-of-N beside Bradley-Terry reward models
   (seeds/004 Eq. 13) trained on 1024 toy preference pairs labelled by a Bradley-Terry annotator on the
   golden reward at temperature tau (afd_ray.toy.make_preferences; tau = 0: the golden ranking itself),
@@ -45,18 +46,23 @@ def golden_curve(result: dict) -> dict[int, float]:
 
 
 def choices(root: Path, init: str, sft: str, seed: int) -> dict:
+    """Each data choice on the plain toy and on toy-styled (a heterogeneous demonstrator's format mark)."""
     import json
 
     from afd_ray.run import run
 
     out = {}
-    for choice in ("init_sft", "init_demo", "sft_demo"):
-        rd = run(bon_config(root, init, sft, f"{choice}-{seed}", f"bon.data_choice={choice}", f"run.seed={seed}"),
-                 echo=lambda *_: None)
-        result = json.loads((rd.path / "bon.json").read_text())
-        out[choice] = {"golden": golden_curve(result),
-                       "heldout_pairwise_accuracy": result["discriminator/heldout_pairwise_accuracy"]}
-        print(choice, out[choice], flush=True)
+    for source in ("toy", "toy-styled"):
+        for choice in ("init_sft", "init_demo", "sft_demo"):
+            if source != "toy" and choice == "init_sft":
+                out[f"{source}/{choice}"] = out[f"toy/{choice}"]  # Init-SFT reads only the demonstrations' prompts
+                continue
+            rd = run(bon_config(root, init, sft, f"{source}-{choice}-{seed}", f"bon.data_choice={choice}",
+                                f"data.demonstrations={source}", f"run.seed={seed}"), echo=lambda *_: None)
+            result = json.loads((rd.path / "bon.json").read_text())
+            out[f"{source}/{choice}"] = {"golden": golden_curve(result),
+                                        "heldout_pairwise_accuracy": result["discriminator/heldout_pairwise_accuracy"]}
+            print(source, choice, out[f"{source}/{choice}"], flush=True)
     return out
 
 

@@ -35,7 +35,7 @@ def _shuffled(items: list, seed: int) -> list:
 def _encoded(cfg: Config, tokenizer, source: str, what: str, make_toy, load, encode) -> list:
     """The toy task's items for a toy source, else the file or Hub source read and tokenised."""
     if source in toy.SOURCES:
-        return make_toy(tokenizer, cfg.data.limit or 1024, seed=cfg.run.seed, eos=toy.SOURCES[source])
+        return make_toy(tokenizer, cfg.data.limit or 1024, seed=cfg.run.seed, **toy.SOURCES[source])
     loaded = load(source, cfg.data.split or None, cfg.data.on_bad_row, cfg.data.limit or None,
                   max_skip_fraction=cfg.data.max_skip_fraction)
     encoded, skipped = encode(tokenizer, loaded.items, _rules(cfg))

@@ -185,7 +185,8 @@ class IRL:
         atomic_write(self.rd.path / "sft_heldout.json", json.dumps(heldout_sample(self.cfg, self.heldout, self.c)))
 
     def iteration(self, t: int) -> dict[str, float]:
-        self.metrics = irl_iteration(t, self.cfg, self.train, self.heldout, self.c, self.state,
+        probe = self.heldout[: self.cfg.data.probe] if self.cfg.data.probe else self.heldout
+        self.metrics = irl_iteration(t, self.cfg, self.train, probe, self.c, self.state,
                                      learn_reward=self.learn_reward, prefs=self.prefs, guard=self.guard)
         return self.metrics
 
