@@ -94,10 +94,14 @@ def golden_gain(tmp_path, sft, name, *overrides):
     return ms[0]["golden/heldout_policy"], final, rd  # iteration 1 samples come from pi_SFT, before any update
 
 
-def test_toy_irl_rloo_beats_sft_on_golden_reward(ray_local, toy_sft, tmp_path):
+def test_toy_irl_rloo_beats_spin_and_sft_on_golden_reward(ray_local, toy_sft, tmp_path):
+    """seeds/002's ordering on the toy: IRL > SPIN > SFT on the golden reward, SPIN on the same samples (12
+    iterations x 32 prompts x 4 samples)."""
     sft, irl, rd = golden_gain(tmp_path, toy_sft, "rloo", "policy.algo=rloo")
     assert irl > sft + 0.08, f"rloo: golden reward {sft:.3f} (SFT) -> {irl:.3f} (IRL)"
-    # jobs/evaluate.py on this run against pi_SFT: the report's plots come from the run's metrics, and the
+    spin = run(toy_cfg(toy_sft, tmp_path, "spin", "run.method=spin", "policy.lr=3e-3", "policy.dpo_beta=0.5",
+                       "policy.mini_batches=2"), echo=lambda *_: None)
+    # jobs/evaluate.py on both runs against pi_SFT: the report's plots come from the run's metrics, and the
     # IRL reward model ranks held-out preference pairs (ordered by the golden reward) well above chance
     import sys
 
@@ -105,8 +109,9 @@ def test_toy_irl_rloo_beats_sft_on_golden_reward(ray_local, toy_sft, tmp_path):
     import evaluate as job
 
     out = tmp_path / "eval"
-    assert job.main([str(rd.path), str(toy_sft), "demonstrations", "--out", str(out), "--golden", "afd_ray.toy:golden_reward",
-                     "--preferences", "toy", "--prompts", "64", "--max-new-tokens", "10", "--baseline", "sft"]) == 0
+    assert job.main([str(rd.path), str(spin.path), str(toy_sft), "demonstrations", "--out", str(out), "--golden",
+                     "afd_ray.toy:golden_reward", "--preferences", "toy", "--prompts", "128", "--max-new-tokens", "10",
+                     "--baseline", "sft"]) == 0
     plots = json.loads((out / "plots.json").read_text())
     curve = plots[f"curves_{rd.path.name}.png"]["rollout/reward"]
     assert curve["y"] == [m["rollout/reward"] for m in rd.metrics()]
@@ -119,7 +124,9 @@ def test_toy_irl_rloo_beats_sft_on_golden_reward(ray_local, toy_sft, tmp_path):
     # equal-length pairs, where only the parity rule decides, it is at chance
     acc = result["reward_accuracy"][rd.path.name]["subset/toy-length"]
     assert acc > 0.55, f"IRL reward model accuracy on golden-ranked held-out pairs: {acc:.3f}"
-    assert result["targets"][rd.path.name]["golden"] > result["targets"]["sft"]["golden"]
+    golden = {name: result["targets"][name]["golden"] for name in (rd.path.name, spin.path.name, "sft")}
+    print(golden)
+    assert golden[rd.path.name] > golden[spin.path.name] > golden["sft"], golden
     # the held-out demonstrations as a target (seeds/002's baseline): the expert beats pi_SFT on the toy
     assert result["targets"]["demonstrations"]["golden"] > result["targets"]["sft"]["golden"] + 0.1
     assert "Reward accuracy" in (out / "report.md").read_text()

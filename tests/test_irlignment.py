@@ -123,6 +123,11 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling(ray_local,
     assert "Critic: the golden reward" in report and "Critic: the judge `scripted`" in report
     assert "| BoN IRL-RM | win | - |" in report and "|  | lose |" in report
     assert len((rd.path / "bon_compare" / "N16.jsonl").read_text().splitlines()) == 128
+    # seeds/000 Fig. 4 drawn: both reward models' golden reward and win rate against greedy, per N
+    drawn = json.loads((rd.path / "plots.json").read_text())["best_of_n.png"]
+    assert drawn["golden IRL-RM"]["y"] == [table[n]["golden"] for n in (1, 4, 16)]
+    assert drawn["win rate vs greedy compare_reward"]["y"] == [other[n]["win_rate_vs_greedy"] for n in (1, 4, 16)]
+    assert (rd.path / "best_of_n.png").stat().st_size > 1000
     # a rerun that changes only the critics' N judges again from the selection files, without sampling
     calls = sum(server.calls.values())
     rd = run(None, resume=rd.path, overrides=["bon.critic_n=4"], echo=lambda *_: None)

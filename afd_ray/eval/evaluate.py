@@ -49,7 +49,8 @@ def resolve_target(arg: str) -> Target:
     policy = reward = None
     last = rd.latest()
     if last is not None:
-        policy, reward = str(last.path / "policy"), str(last.path / "reward")
+        policy = str(last.path / "policy")
+        reward = str(last.path / "reward") if (last.path / "reward").is_dir() else None  # spin, dpo: none
     for candidate in ("rl_policy", "policy", "sft/model"):  # recipes that save one final model
         if policy is None and (p / candidate / "config.json").is_file():
             policy = str(p / candidate)

@@ -64,6 +64,34 @@ def plot_best_of_n(table: list[dict], out: Path, title: str) -> dict[str, dict[s
     return drawn
 
 
+def plot_best_of_n_curves(curves: dict[str, list[dict]], out: Path, title: str) -> dict[str, dict[str, list[float]]]:
+    """seeds/000 Fig. 4: per reward model (``curves``: name -> Best-of-N rows), the golden reward of the
+    selection (with standard errors) and its win rate against the greedy response, against N (log scale)."""
+    plt = _pyplot()
+    greedy = any("win_rate_vs_greedy" in r for rows in curves.values() for r in rows)
+    fig, axes = plt.subplots(1, 2 if greedy else 1, figsize=(8.5 if greedy else 4.5, 3.2), squeeze=False)
+    drawn = {}
+    for name, rows in curves.items():
+        ns = [r["n"] for r in rows]
+        line = axes[0][0].errorbar(ns, [r["golden"] for r in rows], yerr=[r["golden_se"] for r in rows], marker="o",
+                                   label=name)[0]
+        drawn[f"golden {name}"] = {"x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+        if greedy:
+            (line,) = axes[0][1].plot(ns, [r["win_rate_vs_greedy"] for r in rows], marker="o", label=name)
+            drawn[f"win rate vs greedy {name}"] = {"x": [float(x) for x in line.get_xdata()],
+                                                   "y": [float(y) for y in line.get_ydata()]}
+    for ax, label in zip(axes[0], ("golden reward", "win rate vs greedy")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (Best-of-N)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
 def plot_judge(results: dict[str, dict], out: Path, title: str) -> dict[str, dict[str, list[float]]]:
     """Stacked win / tie / lose bars, one per compared model."""
     plt = _pyplot()

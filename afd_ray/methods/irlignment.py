@@ -457,6 +457,7 @@ def _table(table: list[dict]) -> list[str]:
 
 
 def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
+    from afd_ray.eval.report import plot_best_of_n_curves
     from afd_ray.eval.report import write_report as write
 
     disc = [f"- {k.split('/', 1)[1]}: {v:.4f}" for k, v in result.items() if k.startswith("discriminator/")]
@@ -486,6 +487,13 @@ def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
     if "rl" in result:
         sections.append(("RL on the learned reward (final policy, held-out prompts)",
                          [f"- {k}: {v:.4f}" for k, v in sorted(result["rl"].items())]))
-    write(rd.path, f"Inverse-RLignment: {rd.path.name}", sections,
+    plots = None
+    if all("golden" in r for r in result["best_of_n"]):  # seeds/000 Fig. 4
+        curves = {"IRL-RM": result["best_of_n"]}
+        if result.get("compare"):
+            curves["compare_reward"] = result["compare"]["best_of_n"]
+        plots = {"best_of_n.png": plot_best_of_n_curves(curves, rd.path / "best_of_n.png",
+                                                         "Best-of-N from pi_SFT (seeds/000 Fig. 4)")}
+    write(rd.path, f"Inverse-RLignment: {rd.path.name}", sections, plots=plots,
           intro=f"pi_init `{cfg.model.policy}`, pi_SFT `{result['sft_path']}`, demonstrations "
                 f"`{cfg.data.demonstrations}`, discriminator data `{cfg.bon.data_choice}`.")
