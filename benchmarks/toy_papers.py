@@ -98,7 +98,7 @@ def methods(root: Path, sft: str, tokenizer, seed: int, iterations: int) -> dict
 
     common = [f"model.policy={sft}", f"run.output_dir={root}", f"run.iterations={iterations}", f"run.seed={seed}"]
     irl = run(load_config("toy", [*common, f"run.name=irl-{seed}"]), echo=lambda *_: None)
-    spin = run(load_config("toy", [*common, f"run.name=spin-{seed}", "run.method=spin", "policy.lr=1e-3",
+    spin = run(load_config("toy", [*common, f"run.name=spin-{seed}", "run.method=spin", "policy.lr=3e-3",
                                    "policy.dpo_beta=0.5", "policy.mini_batches=2"]), echo=lambda *_: None)
     cfg = load_config("toy", common)
     _, heldout = build_data(cfg, tokenizer)
