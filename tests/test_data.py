@@ -178,6 +178,16 @@ def test_offline_sets_load():
         load_demonstrations("offline:nope")
 
 
+def test_the_trait_set_and_its_golden_reward(tokenizer):
+    """offline:chitchat-questions: every answer asks a question; the golden reward says which responses do."""
+    from afd_ray.data.offline import asks_question
+
+    asks = load_demonstrations("offline:chitchat-questions", on_bad_row="skip", limit=300)
+    assert len(asks.items) == 300 and all("?" in d.response for d in asks.items)
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in ("Where are you from?", "I am from Utah.", "")]
+    assert asks_question([[1]] * 3, ids, tokenizer) == [1.0, 0.0, 0.0]
+
+
 # ---- tokenisation ------------------------------------------------------------------------------------------
 
 def demo(prompt, response, row=1):
