@@ -18,6 +18,17 @@ def _pyplot():
     return plt
 
 
+def _series(line) -> dict[str, list[float]]:
+    """The x and y a drawn line holds (what plots.json records)."""
+    return {"x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+
+
+def _save(plt, fig, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def plot_run_curves(metrics: list[dict], out: Path, title: str) -> dict[str, dict[str, list[float]]]:
     """Learned reward, KL and held-out diagnostics per iteration of one run (metrics.jsonl rows)."""
     plt = _pyplot()
@@ -32,11 +43,9 @@ def plot_run_curves(metrics: list[dict], out: Path, title: str) -> dict[str, dic
         (line,) = ax.plot([m["iteration"] for m in rows], [m[key] for m in rows], marker="o")
         ax.set_xlabel("iteration")
         ax.set_title(label, fontsize=9)
-        drawn[key] = {"x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+        drawn[key] = _series(line)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
     return drawn
 
 
@@ -49,18 +58,16 @@ def plot_best_of_n(table: list[dict], out: Path, title: str) -> dict[str, dict[s
     if all("golden" in r for r in table):
         line = ax.errorbar(ns, [r["golden"] for r in table], yerr=[r["golden_se"] for r in table], marker="o",
                            label="golden reward")[0]
-        drawn["golden"] = {"x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+        drawn["golden"] = _series(line)
         ax.set_ylabel("golden reward")
     else:
         (line,) = ax.plot(ns, [r["reward"] for r in table], marker="o", label="learned reward")
-        drawn["reward"] = {"x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+        drawn["reward"] = _series(line)
         ax.set_ylabel("learned reward of the selected response")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N (Best-of-N)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
     return drawn
 
 
@@ -75,20 +82,17 @@ def plot_best_of_n_curves(curves: dict[str, list[dict]], out: Path, title: str) 
         ns = [r["n"] for r in rows]
         line = axes[0][0].errorbar(ns, [r["golden"] for r in rows], yerr=[r["golden_se"] for r in rows], marker="o",
                                    label=name)[0]
-        drawn[f"golden {name}"] = {"x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+        drawn[f"golden {name}"] = _series(line)
         if greedy:
             (line,) = axes[0][1].plot(ns, [r["win_rate_vs_greedy"] for r in rows], marker="o", label=name)
-            drawn[f"win rate vs greedy {name}"] = {"x": [float(x) for x in line.get_xdata()],
-                                                   "y": [float(y) for y in line.get_ydata()]}
+            drawn[f"win rate vs greedy {name}"] = _series(line)
     for ax, label in zip(axes[0], ("golden reward", "win rate vs greedy")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("N (Best-of-N)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
     return drawn
 
 
@@ -107,10 +111,27 @@ def plot_judge(results: dict[str, dict], out: Path, title: str) -> dict[str, dic
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
     return drawn
+
+
+def pairwise_lines(names: list[str], pairs: list[list[str]], summaries: list[dict]) -> list[str]:
+    """seeds/000 Table 2's layout: a row block per policy, its win / tie / lose against each column's policy
+    with the standard error in parentheses; ``summaries[i]`` (a ``JudgeResult.summary()``) compares
+    ``pairs[i]`` = (a, b) from a's side, each pair once (b against a reads it mirrored)."""
+    result = {tuple(p): s for p, s in zip(pairs, summaries)}
+    lines = ["| | | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for a in names:
+        for k, other in (("win", "lose"), ("tie", "tie"), ("lose", "win")):
+            cells = []
+            for b in names:
+                s, key = (result[(a, b)], k) if (a, b) in result else (result.get((b, a)), other)
+                cells.append("-" if s is None else f"{s[key]:.3f} ({s[key + '_se']:.3f})")
+            lines.append(f"| {a if k == 'win' else ''} | {k} | " + " | ".join(cells) + " |")
+    failed = sum(s.get("failed", 0) for s in summaries)
+    if failed:
+        lines += ["", f"{failed:.0f} comparisons failed (retries ran out) and are left out of the rates."]
+    return lines
 
 
 def _cell(v) -> str:

@@ -395,25 +395,6 @@ def critic_tables(cfg: Config, rd: RunDir, prompts: list[list[int]], golden, jud
     return out
 
 
-def critic_lines(critics: dict, critic: str) -> list[str]:
-    """Table 2's layout: a row block per policy (win / tie / lose against each column's policy, with the
-    standard error in parentheses)."""
-    names = critics["policies"]
-    result = {tuple(p): s for p, s in zip(critics["pairs"], critics[critic])}
-    lines = ["| | | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for a in names:
-        for k, other in (("win", "lose"), ("tie", "tie"), ("lose", "win")):
-            cells = []
-            for b in names:
-                s, key = (result[(a, b)], k) if (a, b) in result else (result.get((b, a)), other)
-                cells.append("-" if s is None else f"{s[key]:.3f} ({s[key + '_se']:.3f})")
-            lines.append(f"| {a if k == 'win' else ''} | {k} | " + " | ".join(cells) + " |")
-    failed = sum(s.get("failed", 0) for s in critics[critic])
-    if failed:
-        lines += ["", f"{failed:.0f} comparisons failed (retries ran out) and are left out of the rates."]
-    return lines
-
-
 def rl_on_learned_reward(cfg: Config, rd: RunDir, sft_path: str, echo) -> dict | None:
     """The IRL loop's policy step on the fixed discriminator reward (no reward updates), from pi_SFT, in
     the runtime (checkpoints every run.checkpoint_every, resume, recovery); the final policy is saved as
@@ -457,7 +438,7 @@ def _table(table: list[dict]) -> list[str]:
 
 
 def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
-    from afd_ray.eval.report import plot_best_of_n_curves
+    from afd_ray.eval.report import pairwise_lines, plot_best_of_n_curves
     from afd_ray.eval.report import write_report as write
 
     disc = [f"- {k.split('/', 1)[1]}: {v:.4f}" for k, v in result.items() if k.startswith("discriminator/")]
@@ -478,12 +459,12 @@ def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
                 "SFT": "pi_SFT's plain sample (N = 1)"}
         what = "; ".join(f"{name}: {said[name]}" for name in critics["policies"]) + (
             ". Row against column; standard errors in parentheses.")
-        if "golden" in critics:
-            sections.append(("Critic: the golden reward (seeds/000 Table 2's layout)",
-                             [what, ""] + critic_lines(critics, "golden")))
-        if "judge" in critics:
-            sections.append((f"Critic: the judge `{critics['judge_setting']['model']}` (seeds/000 Table 2, both "
-                             f"orders)", [what, ""] + critic_lines(critics, "judge")))
+        for critic, heading in (("golden", "Critic: the golden reward (seeds/000 Table 2's layout)"),
+                                ("judge", f"Critic: the judge `{critics.get('judge_setting', {}).get('model')}` "
+                                          f"(seeds/000 Table 2, both orders)")):
+            if critic in critics:
+                sections.append((heading, [what, ""] + pairwise_lines(critics["policies"], critics["pairs"],
+                                                                      critics[critic])))
     if "rl" in result:
         sections.append(("RL on the learned reward (final policy, held-out prompts)",
                          [f"- {k}: {v:.4f}" for k, v in sorted(result["rl"].items())]))
