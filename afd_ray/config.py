@@ -329,6 +329,11 @@ class BestOfNConfig:
     data_choice: Literal["init_sft", "init_demo", "sft_demo"] = "init_sft"
     """Discriminator data (seeds/000 Table 1): init_sft = pi_SFT samples (positive) vs pi_init samples
     (negative); init_demo = demonstrations vs pi_init samples; sft_demo = demonstrations vs pi_SFT samples."""
+    compare_choices: list[str] = field(default_factory=list)
+    """Other data choices of Table 1 beside bon.data_choice (e.g. init_demo,sft_demo): each trains its own
+    discriminator from the same starting weights and selects from the same pool of pi_SFT samples, side by
+    side in bon.json, the report and the Best-of-N plot (seeds/000 Fig. 4). bon.data_choice stays the
+    run's reward model (reward_model/, Table 2, the RL stage). Empty = none."""
     rm_prompts: int = 0
     """Training prompts sampled for the discriminator data; 0 = every training demonstration."""
     rm_epochs: int = 1
@@ -783,6 +788,12 @@ def validate(cfg: Config) -> None:
          f"({cfg.sft.micro_batch_size} * {cfg.sft.num_workers})")
     need(bool(cfg.bon.n) and all(n >= 1 for n in cfg.bon.n) and cfg.bon.n == sorted(set(cfg.bon.n)),
          f"bon.n must be increasing Ns >= 1 without repeats, got {cfg.bon.n}")
+    choices = typing.get_args(typing.get_type_hints(BestOfNConfig)["data_choice"])
+    need(all(c in choices for c in cfg.bon.compare_choices)
+         and len(set(cfg.bon.compare_choices)) == len(cfg.bon.compare_choices)
+         and cfg.bon.data_choice not in cfg.bon.compare_choices,
+         f"bon.compare_choices={cfg.bon.compare_choices} must name other data choices than bon.data_choice "
+         f"({cfg.bon.data_choice}) without repeats, from {list(choices)}")
     need(cfg.bon.critic_n == 0 or cfg.bon.critic_n in cfg.bon.n,
          f"bon.critic_n={cfg.bon.critic_n} must be one of bon.n {cfg.bon.n} (or 0 = the largest)")
     need(bool(cfg.judge.base_url) == bool(cfg.judge.model),

@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.toy_papers [--parts choices,bt,methods] [--seeds 0]
 
 - ``choices``: seeds/000 Table 1 / Sec. 4.2: Best-of-N from pi_SFT with the discriminator trained on each
-  data choice (Init-SFT, Init-Demo, SFT-Demo); golden reward of the selection at each N; on the plain toy
-  and on ``toy-styled`` (the demonstrations closed by a format mark pi_SFT never writes).
+  data choice (Init-SFT, Init-Demo, SFT-Demo, side by side on one pool of samples: bon.compare_choices);
+  golden reward of the selection at each N; on the plain toy and on ``toy-styled`` (the demonstrations closed by a format mark pi_SFT never writes).
 - ``bt``: seeds/000 Sec. 4.2-4.3: the Init-SFT discriminator's Best-of-N beside Bradley-Terry reward models
   (seeds/004 Eq. 13) trained on 1024 toy preference pairs labelled by a Bradley-Terry annotator on the
   golden reward at temperature tau (afd_ray.toy.make_preferences; tau = 0: the golden ranking itself),
@@ -13,7 +13,8 @@
   iteration (rollout.prompts_per_iteration x rollout.n for the same iterations), every final policy
   sampled once per held-out prompt with one seed and scored by the golden reward.
 
-pi_init and pi_SFT are the test suite's: a tiny Llama behaviour-cloned from scratch for 40 / 60 steps.
+pi_init and pi_SFT are the test suite's: a tiny Llama behaviour-cloned from scratch for 20 (--init-steps) /
+60 steps.
 Results: benchmarks/results/toy_papers-*.json.
 """
 
@@ -24,11 +25,11 @@ import tempfile
 from pathlib import Path
 
 
-def models(root: Path, tokenizer, smollm2: str) -> tuple[str, str]:
+def models(root: Path, tokenizer, smollm2: str, init_steps: int) -> tuple[str, str]:
     from afd_ray import toy
 
     demos = toy.make_demonstrations(tokenizer, 1024, seed=0)
-    init = toy.sft_from_scratch(root / "init", smollm2, demos, steps=40, batch_size=32)
+    init = toy.sft_from_scratch(root / "init", smollm2, demos, steps=init_steps, batch_size=32)
     sft = toy.sft_from_scratch(root / "sft", smollm2, demos, steps=60, batch_size=32)
     return str(init), str(sft)
 
@@ -45,23 +46,23 @@ def golden_curve(result: dict) -> dict[int, float]:
     return {row["n"]: row["golden"] for row in result["best_of_n"]}
 
 
-def choices(root: Path, init: str, sft: str, seed: int) -> dict:
-    """Each data choice on the plain toy and on toy-styled (a heterogeneous demonstrator's format mark)."""
+def choices(root: Path, init: str, sft: str, seed: int, sources: list[str]) -> dict:
+    """Every data choice side by side in one run per source (bon.compare_choices: the same pool of samples),
+    on the plain toy and on toy-styled (a heterogeneous demonstrator's format mark)."""
     import json
 
     from afd_ray.run import run
 
     out = {}
-    for source in ("toy", "toy-styled"):
-        for choice in ("init_sft", "init_demo", "sft_demo"):
-            if source != "toy" and choice == "init_sft":
-                out[f"{source}/{choice}"] = out[f"toy/{choice}"]  # Init-SFT reads only the demonstrations' prompts
-                continue
-            rd = run(bon_config(root, init, sft, f"{source}-{choice}-{seed}", f"bon.data_choice={choice}",
-                                f"data.demonstrations={source}", f"run.seed={seed}"), echo=lambda *_: None)
-            result = json.loads((rd.path / "bon.json").read_text())
-            out[f"{source}/{choice}"] = {"golden": golden_curve(result),
-                                        "heldout_pairwise_accuracy": result["discriminator/heldout_pairwise_accuracy"]}
+    for source in sources:
+        rd = run(bon_config(root, init, sft, f"{source}-choices-{seed}", "bon.data_choice=init_sft",
+                            "bon.compare_choices=init_demo,sft_demo", f"data.demonstrations={source}",
+                            f"run.seed={seed}"), echo=lambda *_: None)
+        result = json.loads((rd.path / "bon.json").read_text())
+        for choice, side in result["choices"].items():
+            out[f"{source}/{choice}"] = {
+                "golden": golden_curve(side), "golden_se": {r["n"]: r["golden_se"] for r in side["best_of_n"]},
+                "heldout_pairwise_accuracy": side["discriminator/heldout_pairwise_accuracy"]}
             print(source, choice, out[f"{source}/{choice}"], flush=True)
     return out
 
@@ -119,6 +120,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--taus", default="0,0.1,0.25")
     p.add_argument("--iterations", type=int, default=12)
+    p.add_argument("--init-steps", type=int, default=20, help="pi_init's steps (pi_SFT: 60; the suite's: 20)")
+    p.add_argument("--sources", default="toy,toy-styled", help="demonstration sources of the choices part")
     args = p.parse_args()
     from afd_ray.models.loading import load_tokenizer, resolve_model_path
 
@@ -128,11 +131,11 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        init, sft = models(root, tokenizer, smollm2)
+        init, sft = models(root, tokenizer, smollm2, args.init_steps)
         for seed in map(int, args.seeds.split(",")):
             r = results.setdefault(str(seed), {})
             if "choices" in parts:
-                r["choices"] = choices(root, init, sft, seed)
+                r["choices"] = choices(root, init, sft, seed, args.sources.split(","))
             if "bt" in parts:
                 r["bt"] = bradley_terry(root, init, sft, tokenizer, seed, [float(t) for t in args.taus.split(",")])
             if "methods" in parts:

@@ -216,3 +216,12 @@ def test_grpo_keeps_its_kl_in_the_loss_and_renamed_keys_still_load():
     assert not load_config("cpu", ["policy.algo=rloo", "policy.kl=loss"]).policy.kl_in_reward()
     old = load_config("cpu", ["policy.kl_in_reward=false", "policy.rpo_alpha=0.5"])
     assert old.policy.kl == "loss" and old.policy.chosen_nll_weight == 0.5
+
+
+def test_best_of_n_side_by_side_choices_name_other_data_choices():
+    assert load_config("cpu", ["bon.compare_choices=init_demo,sft_demo"]).bon.compare_choices == ["init_demo",
+                                                                                                  "sft_demo"]
+    for bad in ("init_sft", "init_demo,init_demo", "demo_sft"):
+        with pytest.raises(ConfigError, match=r"bon.compare_choices=.* must name other data choices than "
+                                              r"bon.data_choice \(init_sft\)"):
+            load_config("cpu", [f"bon.compare_choices={bad}"])

@@ -6,7 +6,9 @@
 
 The data choice (``bon.data_choice``) names the discriminator's positive and negative sets (Table 1):
 ``init_sft`` = pi_SFT samples vs pi_init samples (low heterogeneity, the paper's pick), ``init_demo`` =
-demonstrations vs pi_init samples, ``sft_demo`` = demonstrations vs pi_SFT samples.
+demonstrations vs pi_init samples, ``sft_demo`` = demonstrations vs pi_SFT samples. ``bon.compare_choices``
+trains the other choices too, each from the reward actor's starting weights (saved once, loaded back), and
+runs each one's Best-of-N on the same pool of samples (the same sampling seeds), for Table 1 side by side.
 
 Best-of-N streams: prompts go in batches of ``bon.prompt_batch`` and samples in chunks of
 ``bon.sample_chunk`` per prompt; only each prompt's running best (``BestOfNState``) survives a chunk, so
@@ -37,7 +39,7 @@ from afd_ray.runtime.files import atomic_write
 from afd_ray.runtime.guard import NonFiniteError, finite
 from afd_ray.runtime.loop import drive, summary_line
 from afd_ray.runtime.rundir import RunDir
-from afd_ray.runtime.system import System, ensure_ray, sample_once
+from afd_ray.runtime.system import System, ensure_ray, once_spec, sample_once
 from afd_ray.types import PairBatch, Samples, SamplingSpec, SequenceBatch
 
 log = logging.getLogger("afd_ray")
@@ -272,48 +274,62 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
         sft_path = str(train_sft(cfg, train, rd.path / "sft", init, heldout=heldout, echo=echo))
     rm_demos = train[: cfg.bon.rm_prompts] if cfg.bon.rm_prompts else train
     eval_demos = bon_prompts(cfg, heldout)
-    positive, negative = DATA_CHOICES[cfg.bon.data_choice]
+    choices = [cfg.bon.data_choice, *cfg.bon.compare_choices]  # the first is the run's reward model
     prompts = [d.prompt_ids for d in rm_demos + eval_demos]
-    drawn = {}
-    for source, path in (("init", init), ("sft", sft_path)):
-        if source in (positive, negative):
-            echo(f"sampling pi_{source} on {len(prompts)} prompts")
-            drawn[source] = sample_once(cfg, path, prompts, tokenizer, seed=cfg.run.seed * 1_000_003 + 17)
+    needs = {s for c in choices for s in DATA_CHOICES[c]}
+    drawn, seed = {}, cfg.run.seed * 1_000_003 + 17
+    if "init" in needs:
+        echo(f"sampling pi_init on {len(prompts)} prompts")
+        drawn["init"] = sample_once(cfg, init, prompts, tokenizer, seed=seed)
     k = len(rm_demos)
-    train_pairs = discriminator_data(cfg.bon.data_choice, rm_demos, *(drawn[s][:k] if s in drawn else None
-                                                                         for s in ("init", "sft")))
-    eval_pairs = discriminator_data(cfg.bon.data_choice, eval_demos, *(drawn[s][k:] if s in drawn else None
-                                                                         for s in ("init", "sft")))
     reward_path = resolve_model_path(cfg.model.reward) if cfg.model.reward else init
+    spec = bon_sampling(cfg)
+    eval_prompts = [d.prompt_ids for d in eval_demos]
     system = System(cfg, {"rollout": sft_path, "reward": reward_path}, tokenizer, [], roles=("rollout", "reward"))
+    side: dict[str, dict] = {}
     try:
+        if "sft" in needs:  # from the Best-of-N engine, which holds pi_SFT already
+            echo(f"sampling pi_SFT on {len(prompts)} prompts")
+            drawn["sft"] = system.handles["rollout"].generate(prompts, once_spec(cfg, seed)).response_ids
         rm = system.handles["reward"]
-        echo(f"discriminator ({cfg.bon.data_choice}: {positive} vs {negative}) on {len(train_pairs)} pairs")
-        stats = train_discriminator(rm, train_pairs, cfg)
-        score = checked(rm.score)
-        r_pos = score(eval_pairs.chosen)
-        r_neg = score(eval_pairs.rejected)
-        disc = {"discriminator/" + k: v for k, v in stats.items()} | {
-            "discriminator/heldout_accuracy": float(((r_pos > 0).float().mean() + (r_neg < 0).float().mean()) / 2),
-            "discriminator/heldout_pairwise_accuracy": float((r_pos > r_neg).float().mean())}
-        echo("  " + "  ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in disc.items() if "accuracy" in k))
-        rm.save(str(rd.path / ".reward_state"), str(rd.path / "reward_model"), init)
-        shutil.rmtree(rd.path / ".reward_state", ignore_errors=True)
-        spec = bon_sampling(cfg)
-        writer = SelectionWriter(rd.path / "bon", tokenizer, cfg.bon.n)
-        echo(f"Best-of-N for N in {cfg.bon.n} on {len(eval_demos)} held-out prompts")
-        eval_prompts = [d.prompt_ids for d in eval_demos]
+        start = rd.path / ".reward_start"
+        if len(choices) > 1:  # every choice's discriminator starts from the same weights
+            rm.save(str(start), None, init)
         greedy_golden = None
         if golden is not None:  # seeds/000 Fig. 4: win rates against pi_SFT's deterministic generation
             greedy = system.handles["rollout"].generate(eval_prompts, replace(spec, n=1, temperature=0.0, seed=None))
             greedy_golden = golden(eval_prompts, greedy.response_ids)
-        rows = best_of_n(system.handles["rollout"].generate, score, eval_prompts, cfg.bon.n, spec,
-                         cfg.bon.prompt_batch, cfg.bon.sample_chunk, golden=golden, sink=writer,
-                         greedy_golden=greedy_golden)
-        writer.close()
+        for i, choice in enumerate(choices):
+            if i:
+                rm.load(str(start))
+            positive, negative = DATA_CHOICES[choice]
+            train_pairs, eval_pairs = (discriminator_data(choice, demos, *(drawn[s][part] if s in drawn else None
+                                                                          for s in ("init", "sft")))
+                                       for demos, part in ((rm_demos, slice(0, k)), (eval_demos, slice(k, None))))
+            echo(f"discriminator ({choice}: {positive} vs {negative}) on {len(train_pairs)} pairs")
+            stats = train_discriminator(rm, train_pairs, cfg)
+            score = checked(rm.score)
+            r_pos, r_neg = score(eval_pairs.chosen), score(eval_pairs.rejected)
+            disc = {"discriminator/" + k: v for k, v in stats.items()} | {
+                "discriminator/heldout_accuracy": float(((r_pos > 0).float().mean() + (r_neg < 0).float().mean()) / 2),
+                "discriminator/heldout_pairwise_accuracy": float((r_pos > r_neg).float().mean())}
+            echo("  " + "  ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in disc.items() if "accuracy" in k))
+            if not i:
+                rm.save(str(rd.path / ".reward_state"), str(rd.path / "reward_model"), init)
+                shutil.rmtree(rd.path / ".reward_state", ignore_errors=True)
+            # the same sampling seeds for every choice: the same pool of samples per prompt
+            writer = SelectionWriter(rd.path / ("bon" if not i else f"bon_{choice}"), tokenizer, cfg.bon.n)
+            echo(f"Best-of-N ({choice}) for N in {cfg.bon.n} on {len(eval_demos)} held-out prompts")
+            rows = best_of_n(system.handles["rollout"].generate, score, eval_prompts, cfg.bon.n, spec,
+                             cfg.bon.prompt_batch, cfg.bon.sample_chunk, golden=golden, sink=writer,
+                             greedy_golden=greedy_golden)
+            writer.close()
+            side[choice] = {**disc, "best_of_n": [rows[n].summary() for n in cfg.bon.n]}
     finally:
         system.shutdown()
-    table = [rows[n].summary() for n in cfg.bon.n]
+        shutil.rmtree(rd.path / ".reward_start", ignore_errors=True)
+    disc = {k: v for k, v in side[choices[0]].items() if k != "best_of_n"}
+    table = side[choices[0]]["best_of_n"]
     compare = None
     if cfg.bon.compare_reward:  # seeds/000 Sec. 4.2-4.3: e.g. a Bradley-Terry reward model, on pi_SFT's samples
         path = resolve_model_path(cfg.bon.compare_reward)
@@ -336,7 +352,7 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
     result = {"config": cfg.to_dict(), "sft_path": sft_path, **disc, "best_of_n": table,
               "golden_demonstrations": demo_golden,
               "golden_greedy": sum(greedy_golden) / len(greedy_golden) if greedy_golden else None,
-              "compare": compare}
+              "compare": compare, "choices": side if len(choices) > 1 else None}
     atomic_write(rd.path / "bon.json", json.dumps(result, indent=1))
     for line in _table(table):
         echo(line)
@@ -437,6 +453,21 @@ def _table(table: list[dict]) -> list[str]:
     return lines
 
 
+def _choices_table(choices: dict[str, dict]) -> list[str]:
+    """Each data choice's discriminator (held-out pairwise accuracy) and Best-of-N golden reward per N (the
+    learned reward's scale differs per choice, so without a golden reward only the accuracies compare)."""
+    names = list(choices)
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| held-out pairwise accuracy | " + " | ".join(
+                 f"{choices[c]['discriminator/heldout_pairwise_accuracy']:.3f}" for c in names) + " |"]
+    for j, row in enumerate(choices[names[0]]["best_of_n"]):
+        if "golden" in row:
+            lines.append(f"| golden reward, N = {row['n']} | " + " | ".join(
+                f"{choices[c]['best_of_n'][j]['golden']:.3f} ± {choices[c]['best_of_n'][j]['golden_se']:.3f}"
+                for c in names) + " |")
+    return lines
+
+
 def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
     from afd_ray.eval.report import pairwise_lines, plot_best_of_n_curves
     from afd_ray.eval.report import write_report as write
@@ -452,6 +483,9 @@ def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
     if result.get("compare"):
         sections.append((f"Best-of-N with bon.compare_reward `{result['compare']['model']}` (the same samples)",
                          _table(result["compare"]["best_of_n"])))
+    if result.get("choices"):
+        sections.append(("Data choices side by side (seeds/000 Table 1, the same samples)",
+                         _choices_table(result["choices"])))
     critics = result.get("critics")
     if critics:
         said = {"BoN IRL-RM": f"the discriminator's selection at N = {critics['n']}",
@@ -470,7 +504,8 @@ def write_report(rd: RunDir, cfg: Config, result: dict) -> None:
                          [f"- {k}: {v:.4f}" for k, v in sorted(result["rl"].items())]))
     plots = None
     if all("golden" in r for r in result["best_of_n"]):  # seeds/000 Fig. 4
-        curves = {"IRL-RM": result["best_of_n"]}
+        curves = {"IRL-RM": result["best_of_n"]} if not result.get("choices") else {
+            f"IRL-RM {choice}": side["best_of_n"] for choice, side in result["choices"].items()}
         if result.get("compare"):
             curves["compare_reward"] = result["compare"]["best_of_n"]
         plots = {"best_of_n.png": plot_best_of_n_curves(curves, rd.path / "best_of_n.png",

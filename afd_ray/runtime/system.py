@@ -148,12 +148,15 @@ def sample_once(cfg: Config, model_path: str, prompts: list[list[int]], tokenize
     ``cfg.rollout`` says (``temperature`` overrides it; 0 = greedy)."""
     system = System(cfg, {"rollout": model_path}, tokenizer, [], roles=("rollout",))
     try:
-        temperature = cfg.rollout.temperature if temperature is None else temperature
-        spec = SamplingSpec(n=1, temperature=temperature, top_p=cfg.rollout.top_p,
-                            max_tokens=cfg.rollout.max_new_tokens, seed=seed)
-        return system.handles["rollout"].generate(prompts, spec).response_ids
+        return system.handles["rollout"].generate(prompts, once_spec(cfg, seed, temperature)).response_ids
     finally:
         system.shutdown()
+
+
+def once_spec(cfg: Config, seed: int, temperature: float | None = None) -> SamplingSpec:
+    """``sample_once``'s sampling (one response per prompt as ``cfg.rollout`` says), for an engine already up."""
+    return SamplingSpec(n=1, temperature=cfg.rollout.temperature if temperature is None else temperature,
+                        top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_new_tokens, seed=seed)
 
 
 def local_ray_env() -> int | None:
