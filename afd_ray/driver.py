@@ -376,10 +376,11 @@ def heldout_batch(heldout: list[Encoded], responses: list[list[int]]) -> Sequenc
 
 
 def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: Collaborators,
-                        scores: torch.Tensor | None = None) -> dict[str, float]:
+                        scores: torch.Tensor | None = None, golden: list[float] | None = None) -> dict[str, float]:
     """Demo-vs-policy discrimination on held-out prompts: how often r(x, y*) > r(x, y'), the mean gap,
     and the golden reward of the policy's held-out samples (when a golden reward is configured).
-    ``scores``: the rewards of ``heldout_batch`` when already made (in the policy step's forward phase)."""
+    ``scores``: the rewards of ``heldout_batch`` when already made (in the policy step's forward phase);
+    ``golden``: the golden reward of ``responses`` when already scored."""
     prompts = [d.prompt_ids for d in heldout]
     out = {}
     if c.reward is not None:
@@ -388,7 +389,8 @@ def heldout_diagnostics(heldout: list[Encoded], responses: list[list[int]], c: C
         out = {"heldout/reward_accuracy": float((r_demo > r_pol).float().mean()),
                "heldout/reward_gap": float((r_demo - r_pol).mean())}
     if c.golden is not None:
-        policy, demos = c.golden(prompts, responses), c.golden(prompts, [d.response_ids for d in heldout])
+        policy = golden if golden is not None else c.golden(prompts, responses)
+        demos = c.golden(prompts, [d.response_ids for d in heldout])
         out["golden/heldout_policy"], out["golden/heldout_demos"] = mean(policy), mean(demos)
         # seeds/002's win rate against the demonstrations, per prompt, under the golden reward
         out["golden/heldout_win_rate_vs_demos"] = win_rate(policy, demos)[0]

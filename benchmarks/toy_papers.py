@@ -6,7 +6,7 @@
   data choice (Init-SFT, Init-Demo, SFT-Demo, side by side on one pool of samples: bon.compare_choices);
   golden reward of the selection at each N; on the plain toy and on ``toy-styled`` (the demonstrations closed by a format mark pi_SFT never writes).
 - ``bt``: seeds/000 Sec. 4.2-4.3: the Init-SFT discriminator's Best-of-N beside Bradley-Terry reward models
-  (seeds/004 Eq. 13) trained on 1024 toy preference pairs labelled by a Bradley-Terry annotator on the
+  (seeds/004 Eq. 13) trained on --pairs toy preference pairs labelled by a Bradley-Terry annotator on the
   golden reward at temperature tau (afd_ray.toy.make_preferences; tau = 0: the golden ranking itself),
   all on the same pool of pi_SFT samples.
 - ``methods``: seeds/002's ordering: IRL from pi_SFT against SPIN and pi_SFT, the same samples per
@@ -67,25 +67,27 @@ def choices(root: Path, init: str, sft: str, seed: int, sources: list[str]) -> d
     return out
 
 
-def bradley_terry(root: Path, init: str, sft: str, tokenizer, seed: int, taus: list[float]) -> dict:
+def bradley_terry(root: Path, init: str, sft: str, tokenizer, seed: int, taus: list[float], pairs: list[int]) -> dict:
     from afd_ray import toy
     from afd_ray.run import run
 
     out = {}
-    for tau in taus:
-        prefs = toy.make_preferences(tokenizer, 1024, seed=5 + seed, annotator_temperature=tau)
+    for tau, k in ((t, k) for t in taus for k in pairs):
+        prefs = toy.make_preferences(tokenizer, k, seed=5 + seed, annotator_temperature=tau)
         golden = toy.golden_reward([p.prompt_ids for p in prefs], [p.chosen_ids for p in prefs], tokenizer)
         worse = toy.golden_reward([p.prompt_ids for p in prefs], [p.rejected_ids for p in prefs], tokenizer)
         agree = sum(a > b for a, b in zip(golden, worse)) / len(prefs)
-        bt = toy.reward_model_from_preferences(root / f"bt-{tau}-{seed}", sft, tokenizer, prefs, steps=120)
+        bt = toy.reward_model_from_preferences(root / f"bt-{tau}-{k}-{seed}", sft, tokenizer, prefs, steps=120)
         import json
 
-        rd = run(bon_config(root, init, sft, f"bt-{tau}-{seed}", f"bon.compare_reward={bt}", f"run.seed={seed}"),
+        rd = run(bon_config(root, init, sft, f"bt-{tau}-{k}-{seed}", f"bon.compare_reward={bt}", f"run.seed={seed}"),
                  echo=lambda *_: None)
         result = json.loads((rd.path / "bon.json").read_text())
-        out[str(tau)] = {"labels_agree_with_golden": agree, "irl_rm": golden_curve(result),
-                         "bt_rm": golden_curve(result["compare"])}
-        print("tau", tau, out[str(tau)], flush=True)
+        out[f"{tau}/{k}"] = {"labels_agree_with_golden": agree, "irl_rm": golden_curve(result),
+                             "bt_rm": golden_curve(result["compare"]),
+                             "irl_rm_se": {r["n"]: r["golden_se"] for r in result["best_of_n"]},
+                             "bt_rm_se": {r["n"]: r["golden_se"] for r in result["compare"]["best_of_n"]}}
+        print("tau", tau, "pairs", k, out[f"{tau}/{k}"], flush=True)
     return out
 
 
@@ -118,7 +120,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="choices,bt,methods")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--taus", default="0,0.1,0.25")
+    p.add_argument("--taus", default="0,0.25,0.5,1")
+    p.add_argument("--pairs", default="256,1024", help="preference pairs per Bradley-Terry model (comma list)")
     p.add_argument("--iterations", type=int, default=12)
     p.add_argument("--init-steps", type=int, default=20, help="pi_init's steps (pi_SFT: 60; the suite's: 20)")
     p.add_argument("--sources", default="toy,toy-styled", help="demonstration sources of the choices part")
@@ -137,7 +140,8 @@ def main() -> None:
             if "choices" in parts:
                 r["choices"] = choices(root, init, sft, seed, args.sources.split(","))
             if "bt" in parts:
-                r["bt"] = bradley_terry(root, init, sft, tokenizer, seed, [float(t) for t in args.taus.split(",")])
+                r["bt"] = bradley_terry(root, init, sft, tokenizer, seed, [float(t) for t in args.taus.split(",")],
+                                        [int(k) for k in args.pairs.split(",")])
             if "methods" in parts:
                 r["methods"] = methods(root, sft, tokenizer, seed, args.iterations)
     from benchmarks.common import save

@@ -88,9 +88,12 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling_and_the_ot
     from afd_ray.run import run
     from afd_ray.runtime.system import System
 
-    # a Bradley-Terry reward model on golden-ranked toy pairs, compared on the same samples (Table 2's BT-RM)
+    # Table 2's BT-RM, compared on the same samples: a Bradley-Terry reward model on 1024 toy pairs labelled
+    # by a noisy annotator (seeds/000 Sec. 1: "highly uncertain and noisy"): at temperature 0.5 the labels
+    # agree with the golden ranking on 0.66 of the pairs, about as often as human raters agree (docs/LOG.md)
     bt = toy.reward_model_from_preferences(tmp_path / "bt", toy_sft, tokenizer,
-                                           toy.make_preferences(tokenizer, 1024, seed=5), steps=120)
+                                           toy.make_preferences(tokenizer, 1024, seed=5, annotator_temperature=0.5),
+                                           steps=120)
     cfg = load_config("toy", ["run.method=inverse_rlignment", f"model.policy={toy_init}", f"model.sft={toy_sft}",
                               f"run.output_dir={tmp_path}", "run.name=bon", "bon.n=1,4,16", "bon.rm_epochs=3",
                               "reward.lr=1e-3", "bon.prompt_batch=128", f"bon.compare_reward={bt}",
@@ -104,6 +107,8 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling_and_the_ot
     print("discriminator", table, "\nBradley-Terry", other)
     assert other[1]["golden"] == table[1]["golden"]  # N = 1: the same plain samples in both passes
     assert other[16]["golden"] > other[1]["golden"] and "bon.compare_reward" in (rd.path / "report.md").read_text()
+    # seeds/000 Sec. 4.2-4.3: the IRL reward model, from demonstrations alone, ahead of the noisy BT-RM
+    assert table[16]["golden"] > other[16]["golden"] + 0.04, (table[16], other[16])
     assert table[16]["golden"] > table[1]["golden"] + 0.08, table
     assert table[16]["win_rate_vs_plain"] > 0.5
     # seeds/000 Fig. 4: the win rate against pi_SFT's greedy response rises with N
@@ -119,6 +124,8 @@ def test_best_of_n_with_the_init_sft_discriminator_beats_sft_sampling_and_the_ot
     for name in ("BoN IRL-RM", "BoN compare_reward"):
         s = by_golden[(name, "SFT")]
         assert s["win"] > s["lose"] and abs(s["win"] + s["tie"] + s["lose"] - 1) < 1e-9 and s["compared"] == 128
+    s = by_golden[("BoN IRL-RM", "BoN compare_reward")]
+    assert s["win"] > s["lose"], s
     assert all(s["tie"] == 1.0 and s["compared"] == 128 for s in critics["judge"])
     assert sum(server.calls.values()) == 3 * 128 * 2  # three pairs, both orders
     assert "Critic: the golden reward" in report and "Critic: the judge `scripted`" in report

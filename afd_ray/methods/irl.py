@@ -208,18 +208,19 @@ class IRL:
 
         final = {}
         if self.heldout:
+            prompts = [d.prompt_ids for d in self.heldout]
             responses = heldout_sample(self.cfg, self.heldout, self.c)
             atomic_write(self.rd.path / "final_heldout.json", json.dumps(responses))
+            g_final = self.golden(prompts, responses) if self.golden is not None else None
             final = {f"final/{k.split('/', 1)[1]}": v
-                     for k, v in heldout_diagnostics(self.heldout, responses, self.c).items()}
+                     for k, v in heldout_diagnostics(self.heldout, responses, self.c, golden=g_final).items()}
             kept = self.rd.path / "sft_heldout.json"
             if kept.is_file():  # pi_SFT's held-out responses under the same final reward model and golden reward
                 sft = json.loads(kept.read_text())
-                scored = heldout_diagnostics(self.heldout, sft, self.c)
+                g_sft = self.golden(prompts, sft) if self.golden is not None else None
+                scored = heldout_diagnostics(self.heldout, sft, self.c, golden=g_sft)
                 final |= {f"pi_sft/{k.split('/', 1)[1]}": v for k, v in scored.items()}
                 if self.golden is not None:
-                    prompts = [d.prompt_ids for d in self.heldout]
-                    g_final, g_sft = self.golden(prompts, responses), self.golden(prompts, sft)
                     final["final/heldout_policy_se"], final["pi_sft/heldout_policy_se"] = (
                         mean_se(g_final)[1], mean_se(g_sft)[1])
                     final["final/golden_win_rate_vs_pi_sft"], final["final/golden_win_rate_vs_pi_sft_se"] = (
