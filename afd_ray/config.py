@@ -333,7 +333,8 @@ class BestOfNConfig:
     """Other data choices of Table 1 beside bon.data_choice (e.g. init_demo,sft_demo): each trains its own
     discriminator from the same starting weights and selects from the same pool of pi_SFT samples, side by
     side in bon.json, the report and the Best-of-N plot (seeds/000 Fig. 4). bon.data_choice stays the
-    run's reward model (reward_model/, Table 2, the RL stage). Empty = none."""
+    run's reward model (reward_model/, Table 2, the RL stage). The starting weights wait in the run directory
+    as one DeepSpeed checkpoint (.reward_start, removed at the end). Empty = none."""
     rm_prompts: int = 0
     """Training prompts sampled for the discriminator data; 0 = every training demonstration."""
     rm_epochs: int = 1
