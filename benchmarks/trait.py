@@ -10,6 +10,11 @@ held-out prompt once with the same sampling seed (the run's sft_heldout.json and
 benchmark reports each one's trait share with its standard error and the paired difference (final - pi_SFT)
 with its standard error; the model as given (no SFT) answers too, as the reference. The run directory stays
 under --out. Results: benchmarks/results/trait-*.json.
+
+The run where IRL moved the trait beyond noise (docs/LOG.md, 2026-12-06; 25 min on 2 cores):
+
+    .venv/bin/python -m benchmarks.trait --iterations 24 data.probe=32 sft.max_steps=10 sft.lr=5e-5 \
+        reward.lr=1e-4 reward.freeze_layers=16 policy.lr=3e-5
 """
 
 from __future__ import annotations
