@@ -236,10 +236,10 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
     kept = json.loads(done.read_text()) if done.is_file() and (rd.path / "reward_model" / "config.json").is_file() \
         else None
     if kept is not None and _stage_config(kept["config"]) == _stage_config(cfg.to_dict()):
-        result = kept
         echo(f"discriminator and Best-of-N already done in {rd.path}")
     else:
-        result = discriminator_and_best_of_n(cfg, rd, init, tokenizer, train, heldout, golden, echo)
+        kept = None
+    result = discriminator_and_best_of_n(cfg, rd, init, tokenizer, train, heldout, golden, echo, kept)
     critics = critic_tables(cfg, rd, [d.prompt_ids for d in bon_prompts(cfg, heldout)], golden, judge,
                             result.get("critics"), echo)
     if critics is not None and critics != result.get("critics"):
@@ -257,15 +257,24 @@ def run(cfg: Config, rd: RunDir, echo=print) -> RunDir:
 
 def _stage_config(d: dict) -> dict:
     """What the discriminator and Best-of-N depend on: everything but the run's bookkeeping (a resume that
-    changes only run.*, the judge, the critics' N or the RL stage's iterations keeps them)."""
+    changes only run.*, the judge, the critics' N or the RL stage's iterations keeps them) and the passes
+    beside them (bon.compare_choices, bon.compare_reward: a rerun adds the missing ones)."""
+    beside = ("rl_iterations", "critic_n", "compare_choices", "compare_reward")
     return {k: v for k, v in d.items() if k not in ("run", "judge")} | {
-        "bon": {k: v for k, v in d["bon"].items() if k not in ("rl_iterations", "critic_n")}}
+        "bon": {k: v for k, v in d["bon"].items() if k not in beside}}
 
 
-def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, train, heldout, golden, echo) -> dict:
+def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, train, heldout, golden, echo,
+                                kept: dict | None = None) -> dict:
+    """pi_SFT, the bon.data_choice discriminator (reward_model/) and its Best-of-N (bon/), then the passes beside
+    them on the same pool of samples: each bon.compare_choices discriminator (bon_<choice>/) and
+    bon.compare_reward (bon_compare/). bon.json is written after each pass, so a failure keeps what is done;
+    ``kept`` (a finished bon.json of the same stage config) skips what it holds and runs only what is missing."""
     from afd_ray.models.loading import resolve_model_path
 
-    if cfg.model.sft:
+    if kept is not None:
+        sft_path = kept["sft_path"]
+    elif cfg.model.sft:
         sft_path = resolve_model_path(cfg.model.sft)
     else:
         from afd_ray.sft import train_sft
@@ -274,7 +283,58 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
         sft_path = str(train_sft(cfg, train, rd.path / "sft", init, heldout=heldout, echo=echo))
     rm_demos = train[: cfg.bon.rm_prompts] if cfg.bon.rm_prompts else train
     eval_demos = bon_prompts(cfg, heldout)
-    choices = [cfg.bon.data_choice, *cfg.bon.compare_choices]  # the first is the run's reward model
+    eval_prompts = [d.prompt_ids for d in eval_demos]
+    spec = bon_sampling(cfg)
+    done = rd.path / "bon.json"
+    result = None if kept is None else {**kept, "config": cfg.to_dict()}
+    have = set() if result is None else {cfg.bon.data_choice, *(result.get("choices") or {})}
+    choices = [c for c in (cfg.bon.data_choice, *cfg.bon.compare_choices) if c not in have]
+    greedy_golden = None
+    if choices:
+        result, greedy_golden = _discriminator_passes(cfg, rd, init, sft_path, tokenizer, rm_demos, eval_demos,
+                                                      golden, choices, result, echo)
+    compare_path = resolve_model_path(cfg.bon.compare_reward) if cfg.bon.compare_reward else None
+    if compare_path and (result.get("compare") or {}).get("model") != compare_path:
+        # seeds/000 Sec. 4.2-4.3: e.g. a Bradley-Terry reward model, on the same pool of pi_SFT's samples
+        echo(f"Best-of-N with bon.compare_reward {compare_path}")
+        system = System(cfg, {"rollout": sft_path, "reward": compare_path}, tokenizer, [],
+                        roles=("rollout", "reward"), fixed_reward=True)
+        writer = SelectionWriter(rd.path / "bon_compare", tokenizer, cfg.bon.n)
+        try:
+            if golden is not None and greedy_golden is None:
+                greedy_golden = _greedy_golden(system, eval_prompts, spec, golden)
+            rows = best_of_n(system.handles["rollout"].generate, checked(system.handles["reward"].score),
+                             eval_prompts, cfg.bon.n, spec, cfg.bon.prompt_batch, cfg.bon.sample_chunk,
+                             golden=golden, sink=writer, greedy_golden=greedy_golden)
+            writer.close()
+        finally:
+            system.shutdown()
+        result["compare"] = {"model": compare_path, "best_of_n": [rows[n].summary() for n in cfg.bon.n]}
+        atomic_write(done, json.dumps(result, indent=1))
+    elif kept is not None:
+        atomic_write(done, json.dumps(result, indent=1))  # the current config
+    for line in _table(result["best_of_n"]):
+        echo(line)
+    return result
+
+
+def _greedy_golden(system: System, prompts: list[list[int]], spec: SamplingSpec, golden) -> list[float]:
+    """The golden reward of pi_SFT's deterministic response per prompt (seeds/000 Fig. 4's baseline)."""
+    greedy = system.handles["rollout"].generate(prompts, replace(spec, n=1, temperature=0.0, seed=None))
+    return golden(prompts, greedy.response_ids)
+
+
+def _discriminator_passes(cfg: Config, rd: RunDir, init: str, sft_path: str, tokenizer, rm_demos, eval_demos,
+                          golden, choices: list[str], result: dict | None, echo) -> tuple[dict, list[float] | None]:
+    """One discriminator per data choice, each from the reward model's starting weights (saved once, loaded
+    back), and its Best-of-N on the same pool of samples (the same sampling seeds). ``result`` None: the
+    first choice is bon.data_choice, saved as reward_model/ and selecting into bon/, and starts bon.json;
+    the others go to bon.json's ``choices`` and bon_<choice>/. bon.json is rewritten after each choice.
+    Returns the result and the greedy responses' golden reward (None without a golden reward)."""
+    from afd_ray.models.loading import resolve_model_path
+
+    done = rd.path / "bon.json"
+    eval_prompts = [d.prompt_ids for d in eval_demos]
     prompts = [d.prompt_ids for d in rm_demos + eval_demos]
     needs = {s for c in choices for s in DATA_CHOICES[c]}
     drawn, seed = {}, cfg.run.seed * 1_000_003 + 17
@@ -284,24 +344,21 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
     k = len(rm_demos)
     reward_path = resolve_model_path(cfg.model.reward) if cfg.model.reward else init
     spec = bon_sampling(cfg)
-    eval_prompts = [d.prompt_ids for d in eval_demos]
+    start = rd.path / ".reward_start"
+    shutil.rmtree(start, ignore_errors=True)  # a killed run's leftover (another world size's shards)
     system = System(cfg, {"rollout": sft_path, "reward": reward_path}, tokenizer, [], roles=("rollout", "reward"))
-    side: dict[str, dict] = {}
     try:
         if "sft" in needs:  # from the Best-of-N engine, which holds pi_SFT already
             echo(f"sampling pi_SFT on {len(prompts)} prompts")
             drawn["sft"] = system.handles["rollout"].generate(prompts, once_spec(cfg, seed)).response_ids
         rm = system.handles["reward"]
-        start = rd.path / ".reward_start"
         if len(choices) > 1:  # every choice's discriminator starts from the same weights
             rm.save(str(start), None, init)
-        greedy_golden = None
-        if golden is not None:  # seeds/000 Fig. 4: win rates against pi_SFT's deterministic generation
-            greedy = system.handles["rollout"].generate(eval_prompts, replace(spec, n=1, temperature=0.0, seed=None))
-            greedy_golden = golden(eval_prompts, greedy.response_ids)
+        greedy_golden = _greedy_golden(system, eval_prompts, spec, golden) if golden is not None else None
         for i, choice in enumerate(choices):
             if i:
                 rm.load(str(start))
+            primary = result is None
             positive, negative = DATA_CHOICES[choice]
             train_pairs, eval_pairs = (discriminator_data(choice, demos, *(drawn[s][part] if s in drawn else None
                                                                           for s in ("init", "sft")))
@@ -314,49 +371,34 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
                 "discriminator/heldout_accuracy": float(((r_pos > 0).float().mean() + (r_neg < 0).float().mean()) / 2),
                 "discriminator/heldout_pairwise_accuracy": float((r_pos > r_neg).float().mean())}
             echo("  " + "  ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in disc.items() if "accuracy" in k))
-            if not i:
+            if primary:
                 rm.save(str(rd.path / ".reward_state"), str(rd.path / "reward_model"), init)
                 shutil.rmtree(rd.path / ".reward_state", ignore_errors=True)
-            # the same sampling seeds for every choice: the same pool of samples per prompt
-            writer = SelectionWriter(rd.path / ("bon" if not i else f"bon_{choice}"), tokenizer, cfg.bon.n)
+            writer = SelectionWriter(rd.path / ("bon" if primary else f"bon_{choice}"), tokenizer, cfg.bon.n)
             echo(f"Best-of-N ({choice}) for N in {cfg.bon.n} on {len(eval_demos)} held-out prompts")
             rows = best_of_n(system.handles["rollout"].generate, score, eval_prompts, cfg.bon.n, spec,
                              cfg.bon.prompt_batch, cfg.bon.sample_chunk, golden=golden, sink=writer,
                              greedy_golden=greedy_golden)
             writer.close()
-            side[choice] = {**disc, "best_of_n": [rows[n].summary() for n in cfg.bon.n]}
+            table = [rows[n].summary() for n in cfg.bon.n]
+            if primary:
+                demo_golden = None
+                if golden is not None:
+                    g = golden(eval_prompts, [d.response_ids for d in eval_demos])
+                    demo_golden = sum(g) / len(g)
+                result = {"config": cfg.to_dict(), "sft_path": sft_path, **disc, "best_of_n": table,
+                          "golden_demonstrations": demo_golden,
+                          "golden_greedy": sum(greedy_golden) / len(greedy_golden) if greedy_golden else None,
+                          "compare": None, "choices": None}
+            else:
+                first = {k: v for k, v in result.items() if k.startswith("discriminator/")}
+                result["choices"] = {cfg.bon.data_choice: {**first, "best_of_n": result["best_of_n"]},
+                                     **(result.get("choices") or {}), choice: {**disc, "best_of_n": table}}
+            atomic_write(done, json.dumps(result, indent=1))
     finally:
         system.shutdown()
-        shutil.rmtree(rd.path / ".reward_start", ignore_errors=True)
-    disc = {k: v for k, v in side[choices[0]].items() if k != "best_of_n"}
-    table = side[choices[0]]["best_of_n"]
-    compare = None
-    if cfg.bon.compare_reward:  # seeds/000 Sec. 4.2-4.3: e.g. a Bradley-Terry reward model, on pi_SFT's samples
-        path = resolve_model_path(cfg.bon.compare_reward)
-        echo(f"Best-of-N with bon.compare_reward {path}")
-        system = System(cfg, {"rollout": sft_path, "reward": path}, tokenizer, [], roles=("rollout", "reward"),
-                        fixed_reward=True)
-        writer = SelectionWriter(rd.path / "bon_compare", tokenizer, cfg.bon.n)
-        try:  # the same sampling seeds as the discriminator's pass: the same pool of samples per prompt
-            rows = best_of_n(system.handles["rollout"].generate, checked(system.handles["reward"].score),
-                             eval_prompts, cfg.bon.n, spec, cfg.bon.prompt_batch, cfg.bon.sample_chunk,
-                             golden=golden, sink=writer, greedy_golden=greedy_golden)
-            writer.close()
-        finally:
-            system.shutdown()
-        compare = {"model": path, "best_of_n": [rows[n].summary() for n in cfg.bon.n]}
-    demo_golden = None
-    if golden is not None:
-        g = golden([d.prompt_ids for d in eval_demos], [d.response_ids for d in eval_demos])
-        demo_golden = sum(g) / len(g)
-    result = {"config": cfg.to_dict(), "sft_path": sft_path, **disc, "best_of_n": table,
-              "golden_demonstrations": demo_golden,
-              "golden_greedy": sum(greedy_golden) / len(greedy_golden) if greedy_golden else None,
-              "compare": compare, "choices": side if len(choices) > 1 else None}
-    atomic_write(rd.path / "bon.json", json.dumps(result, indent=1))
-    for line in _table(table):
-        echo(line)
-    return result
+        shutil.rmtree(start, ignore_errors=True)
+    return result, greedy_golden
 
 
 def bon_prompts(cfg: Config, heldout: list[Encoded]) -> list[Encoded]:
