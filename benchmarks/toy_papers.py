@@ -4,7 +4,8 @@
 
 - ``choices``: seeds/000 Table 1 / Sec. 4.2: Best-of-N from pi_SFT with the discriminator trained on each
   data choice (Init-SFT, Init-Demo, SFT-Demo, side by side on one pool of samples: bon.compare_choices);
-  golden reward of the selection at each N; on the plain toy and on ``toy-styled`` (the demonstrations closed by a format mark pi_SFT never writes).
+  golden reward of the selection at each N; on the plain toy and on ``toy-styled`` (the demonstrations
+  closed by a format mark pi_SFT never writes).
 - ``bt``: seeds/000 Sec. 4.2-4.3: the Init-SFT discriminator's Best-of-N beside Bradley-Terry reward models
   (seeds/004 Eq. 13) trained on --pairs toy preference pairs labelled by a Bradley-Terry annotator on the
   golden reward at temperature tau (afd_ray.toy.make_preferences; tau = 0: the golden ranking itself),
@@ -42,8 +43,9 @@ def bon_config(root: Path, init: str, sft: str, name: str, *overrides: str):
                                "reward.lr=1e-3", "bon.prompt_batch=128", *overrides])
 
 
-def golden_curve(result: dict) -> dict[int, float]:
-    return {row["n"]: row["golden"] for row in result["best_of_n"]}
+def golden_curve(result: dict, key: str = "golden") -> dict[int, float]:
+    """``key`` ("golden" or "golden_se") of each N's Best-of-N row."""
+    return {row["n"]: row[key] for row in result["best_of_n"]}
 
 
 def choices(root: Path, init: str, sft: str, seed: int, sources: list[str]) -> dict:
@@ -61,13 +63,15 @@ def choices(root: Path, init: str, sft: str, seed: int, sources: list[str]) -> d
         result = json.loads((rd.path / "bon.json").read_text())
         for choice, side in result["choices"].items():
             out[f"{source}/{choice}"] = {
-                "golden": golden_curve(side), "golden_se": {r["n"]: r["golden_se"] for r in side["best_of_n"]},
+                "golden": golden_curve(side), "golden_se": golden_curve(side, "golden_se"),
                 "heldout_pairwise_accuracy": side["discriminator/heldout_pairwise_accuracy"]}
             print(source, choice, out[f"{source}/{choice}"], flush=True)
     return out
 
 
 def bradley_terry(root: Path, init: str, sft: str, tokenizer, seed: int, taus: list[float], pairs: list[int]) -> dict:
+    import json
+
     from afd_ray import toy
     from afd_ray.run import run
 
@@ -78,15 +82,13 @@ def bradley_terry(root: Path, init: str, sft: str, tokenizer, seed: int, taus: l
         worse = toy.golden_reward([p.prompt_ids for p in prefs], [p.rejected_ids for p in prefs], tokenizer)
         agree = sum(a > b for a, b in zip(golden, worse)) / len(prefs)
         bt = toy.reward_model_from_preferences(root / f"bt-{tau}-{k}-{seed}", sft, tokenizer, prefs, steps=120)
-        import json
-
         rd = run(bon_config(root, init, sft, f"bt-{tau}-{k}-{seed}", f"bon.compare_reward={bt}", f"run.seed={seed}"),
                  echo=lambda *_: None)
         result = json.loads((rd.path / "bon.json").read_text())
         out[f"{tau}/{k}"] = {"labels_agree_with_golden": agree, "irl_rm": golden_curve(result),
                              "bt_rm": golden_curve(result["compare"]),
-                             "irl_rm_se": {r["n"]: r["golden_se"] for r in result["best_of_n"]},
-                             "bt_rm_se": {r["n"]: r["golden_se"] for r in result["compare"]["best_of_n"]}}
+                             "irl_rm_se": golden_curve(result, "golden_se"),
+                             "bt_rm_se": golden_curve(result["compare"], "golden_se")}
         print("tau", tau, "pairs", k, out[f"{tau}/{k}"], flush=True)
     return out
 

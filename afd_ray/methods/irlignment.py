@@ -311,8 +311,6 @@ def discriminator_and_best_of_n(cfg: Config, rd: RunDir, init: str, tokenizer, t
             system.shutdown()
         result["compare"] = {"model": compare_path, "best_of_n": [rows[n].summary() for n in cfg.bon.n]}
         atomic_write(done, json.dumps(result, indent=1))
-    elif kept is not None:
-        atomic_write(done, json.dumps(result, indent=1))  # the current config
     for line in _table(result["best_of_n"]):
         echo(line)
     return result
